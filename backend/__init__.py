@@ -1,0 +1,1 @@
+"""The collector API, findings store and GuardDuty-compatible query API (issue: backend)."""

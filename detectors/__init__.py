@@ -1,0 +1,1 @@
+"""Detection: the finding-type catalog, detector units, threat lists (issue: detectors)."""

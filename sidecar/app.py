@@ -1,0 +1,190 @@
+"""The agent's event loop: probe, identity, process source, outputs, signals.
+
+One asyncio process. The process source runs as a task; if it fails, the
+sidecar falls back to the next source the probe allows (degrades) instead of
+exiting, because a dead sidecar protects nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import resource
+import signal
+import time
+from typing import Any, Protocol
+
+from collectors.events import RuntimeEvent
+from collectors.exe_hash import ExeHasher
+from collectors.proc_connector import ConnectorProcessSource
+from collectors.proc_poll import PollingProcessSource
+from collectors.process import ProcessCollector
+from collectors.process_table import ProcessTable
+from sidecar import __version__, ecs
+from sidecar.config import Settings
+from sidecar.outputs import JsonLinesOutput
+from sidecar.probe import choose_process_source, run_probe
+
+log = logging.getLogger("sidecar")
+
+STOP_TIMEOUT = 5.0
+
+
+class Source(Protocol):
+    name: str
+
+    async def run(self) -> None: ...
+    def stop(self) -> None: ...
+    def snapshot(self) -> dict[str, Any]: ...
+
+
+class Sidecar:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.outputs: list[JsonLinesOutput] = []
+        self.events_out: JsonLinesOutput | None = None
+        self.findings_out: JsonLinesOutput | None = None
+        self.collector: ProcessCollector | None = None
+        self.source: Source | None = None
+        self.probe: dict[str, Any] = {}
+        self.identity: ecs.TaskIdentity | None = None
+        self.events_seen = 0
+        self._stop = asyncio.Event()
+        self._started = time.monotonic()
+
+    # -- events -------------------------------------------------------------------
+    def on_event(self, event: RuntimeEvent) -> None:
+        self.events_seen += 1
+        if self.events_out is not None:
+            self.events_out.write(event.to_json())
+
+    # -- lifecycle ----------------------------------------------------------------
+    def request_stop(self) -> None:
+        if not self._stop.is_set():
+            log.info("stop requested, flushing")
+        self._stop.set()
+
+    def _open_outputs(self) -> None:
+        s = self.settings
+        if s.events_out:
+            self.events_out = JsonLinesOutput(s.events_out, max_queue=s.output_queue_max)
+            self.outputs.append(self.events_out)
+        if s.findings_out:
+            # Detectors will write here; opened now so the file exists from the start.
+            self.findings_out = JsonLinesOutput(s.findings_out, max_queue=s.output_queue_max)
+            self.outputs.append(self.findings_out)
+        for out in self.outputs:
+            out.start()
+
+    def _make_source(self, name: str) -> Source:
+        assert self.collector is not None
+        s = self.settings
+        if name == "proc_connector":
+            return ConnectorProcessSource(self.collector, sweep_interval=max(s.poll_sweep_interval_s, 10.0))
+        return PollingProcessSource(
+            self.collector,
+            fast_interval=s.poll_fast_interval_ms / 1000,
+            idle_interval=s.poll_idle_interval_ms / 1000,
+            sweep_interval=s.poll_sweep_interval_s,
+            use_inotify=s.poll_inotify_wakeups,
+        )
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        s = self.settings
+        self.probe = await loop.run_in_executor(None, run_probe)
+        wanted = choose_process_source(self.probe["sources"], s.process_source)
+        candidates = [wanted] if wanted else []
+        if s.process_source == "auto" or not wanted:
+            candidates += [n for n in ("proc_connector", "proc_poll") if n != wanted and self.probe["sources"][n]["available"]]
+        log.info(
+            "sources chosen",
+            extra={
+                "version": __version__,
+                "process": wanted,
+                "sources": {k: {"available": v["available"], "reason": v["reason"]} for k, v in self.probe["sources"].items()},
+                "capabilities": self.probe["capabilities"],
+            },
+        )
+        self.identity = await ecs.load_identity(s.metadata_uri, account_id=s.account_id, region=s.region)
+        log.info("identity", extra={"identity": self.identity.summary()})
+        self._open_outputs()
+        self.collector = ProcessCollector(
+            self.on_event,
+            resolve_container=ecs.ContainerResolver(self.identity),
+            table=ProcessTable(max_live=s.max_processes, max_exited=s.max_exited_processes),
+            hasher=ExeHasher(size_limit=s.hash_max_bytes),
+            hash_executables=s.hash_executables,
+        )
+        stats_task = loop.create_task(self._stats_loop())
+        try:
+            await self._run_sources(candidates)
+        finally:
+            stats_task.cancel()
+            await self._shutdown()
+        return 0
+
+    async def _run_sources(self, candidates: list[str]) -> None:
+        if not candidates:
+            log.error("no process source works here; see `runtime-sidecar probe`")
+            await self._stop.wait()
+            return
+        for name in candidates:
+            self.source = self._make_source(name)
+            task = asyncio.get_running_loop().create_task(self.source.run(), name=f"source:{name}")
+            stopper = asyncio.get_running_loop().create_task(self._stop.wait())
+            done, _ = await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            if stopper in done:
+                self.source.stop()
+                try:
+                    await asyncio.wait_for(task, STOP_TIMEOUT)
+                except (TimeoutError, Exception):
+                    log.warning("process source did not stop cleanly", extra={"source": name})
+                return
+            stopper.cancel()
+            exc = task.exception() if not task.cancelled() else None
+            log.error("process source failed, falling back", extra={"source": name, "error": repr(exc)})
+        log.error("every process source failed; idling until stopped")
+        await self._stop.wait()
+
+    async def _shutdown(self) -> None:
+        self.log_stats("final")
+        for out in self.outputs:
+            await out.close()
+        if self.collector is not None:
+            self.collector.hasher.shutdown()
+
+    async def _stats_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.stats_interval_s)
+            self.log_stats("periodic")
+
+    def stats(self) -> dict[str, Any]:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        out: dict[str, Any] = {
+            "uptimeSeconds": round(time.monotonic() - self._started, 1),
+            "cpuSeconds": round(usage.ru_utime + usage.ru_stime, 3),
+            "maxRssKb": usage.ru_maxrss,
+            "events": self.events_seen,
+        }
+        if self.collector is not None:
+            out["processes"] = {**self.collector.stats, "live": len(self.collector.table)}
+        if self.source is not None:
+            out["source"] = {"name": self.source.name, **self.source.snapshot()}
+        out["outputs"] = {o.path: o.snapshot() for o in self.outputs}
+        return out
+
+    def log_stats(self, why: str) -> None:
+        log.info("stats", extra={"why": why, "stats": self.stats()})
+
+
+def run(settings: Settings) -> int:
+    try:
+        import uvloop  # type: ignore[import-not-found]  # noqa: F401
+    except ImportError:
+        pass
+    os.environ.pop("PYTHONASYNCIODEBUG", None)
+    return asyncio.run(Sidecar(settings).run())

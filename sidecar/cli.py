@@ -1,0 +1,56 @@
+"""`runtime-sidecar` (and `python -m sidecar`): run, probe."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import orjson
+
+from sidecar import __version__, config, logs
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="runtime-sidecar", description="Runtime threat detection sidecar for ECS tasks.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="watch the task and write events/findings")
+    run.add_argument("--findings-out", metavar="PATH", help="findings as JSON lines ('-' = stdout)")
+    run.add_argument("--events-out", metavar="PATH", help="runtime events as JSON lines ('-' = stdout)")
+    run.add_argument("--collector-url", metavar="URL", help="backend collector API base URL")
+    run.add_argument("--config", metavar="FILE", help="TOML or JSON file of settings (lowest precedence)")
+    run.add_argument("--process-source", choices=["auto", "proc_connector", "proc_poll"])
+    run.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub.add_parser("probe", help="print what each event source can do here, as JSON")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "probe":
+        logs.setup("WARNING")
+        from sidecar.probe import run_probe
+
+        sys.stdout.write(orjson.dumps(run_probe(), option=orjson.OPT_INDENT_2).decode() + "\n")
+        return 0
+    cli = {
+        "findings_out": args.findings_out,
+        "events_out": args.events_out,
+        "collector_url": args.collector_url,
+        "process_source": args.process_source,
+        "log_level": args.log_level,
+    }
+    try:
+        settings = config.load(cli, config_file=args.config)
+    except config.ConfigError as exc:
+        sys.stderr.write(orjson.dumps({"level": "ERROR", "logger": "sidecar.config", "msg": str(exc)}).decode() + "\n")
+        return 2
+    logs.setup(settings.log_level)
+    from sidecar.app import run
+
+    try:
+        return run(settings)
+    except OSError as exc:  # an output path we cannot open, for instance
+        logging.getLogger("sidecar").error("cannot start", extra={"error": str(exc)})
+        return 1

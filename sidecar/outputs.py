@@ -1,0 +1,105 @@
+"""JSON-lines outputs (--events-out, --findings-out): buffered, bounded, never blocking the loop for long.
+
+Writes go through a bounded in-memory buffer flushed every ``flush_interval``
+or when it grows past ``flush_bytes``. If the disk is full or the path
+unwritable, lines are counted as dropped and the sidecar goes on: an output
+must never take the task down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+from collections import deque
+from typing import Any
+
+import orjson
+
+log = logging.getLogger(__name__)
+
+
+class JsonLinesOutput:
+    def __init__(self, path: str, *, max_queue: int = 100_000, flush_interval: float = 0.1, flush_bytes: int = 1 << 18):
+        self.path = path
+        self.max_queue = max_queue
+        self.flush_interval = flush_interval
+        self.flush_bytes = flush_bytes
+        self._buf: deque[bytes] = deque()
+        self._size = 0
+        self.written = 0
+        self.dropped = 0
+        self.errors = 0
+        self._fd: int | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        if path == "-":
+            self._fd = sys.stdout.fileno()
+        else:
+            # O_APPEND: a restarted sidecar adds to the file instead of truncating it.
+            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+
+    def write(self, obj: Any) -> None:
+        if len(self._buf) >= self.max_queue:
+            self.dropped += 1
+            return
+        line = orjson.dumps(obj, default=_default) + b"\n"
+        self._buf.append(line)
+        self._size += len(line)
+        if self._size >= self.flush_bytes:
+            self._wake.set()
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"output:{self.path}")
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=self.flush_interval)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._buf or self._fd is None:
+            return
+        data = b"".join(self._buf)
+        count = len(self._buf)
+        self._buf.clear()
+        self._size = 0
+        try:
+            view = memoryview(data)
+            while view:
+                n = os.write(self._fd, view)
+                view = view[n:]
+            self.written += count
+        except OSError as exc:
+            self.errors += 1
+            self.dropped += count
+            if self.errors == 1 or self.errors % 1000 == 0:
+                log.error("output write failed, lines dropped", extra={"path": self.path, "error": str(exc)})
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        self.flush()
+        if self._fd is not None and self.path != "-":
+            os.close(self._fd)
+        self._fd = None
+
+    def snapshot(self) -> dict[str, int]:
+        return {"written": self.written, "dropped": self.dropped, "errors": self.errors, "queued": len(self._buf)}
+
+
+def _default(obj: Any) -> Any:
+    if isinstance(obj, set | frozenset):
+        return sorted(obj)
+    if hasattr(obj, "to_json"):
+        return obj.to_json()
+    raise TypeError(type(obj).__name__)

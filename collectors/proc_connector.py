@@ -100,7 +100,10 @@ def parse_events(data: bytes) -> list[tuple[int, tuple[int, ...]]]:
 def probe(timeout: float = 1.0) -> dict[str, Any]:
     """Does the connector deliver events here? Checked with a real fork."""
     if not capabilities.in_initial_pid_namespace():
-        return {"available": False, "reason": "not in the initial PID namespace: the kernel sends proc events only there"}
+        return {
+            "available": False,
+            "reason": "not in the initial PID namespace: the kernel sends proc events only there",
+        }
     if not capabilities.in_initial_user_namespace():
         return {"available": False, "reason": "not in the initial user namespace"}
     try:

@@ -126,7 +126,9 @@ class ProcessCollector:
                 os.close(raw.exe_fd)
                 raw.exe_fd = None
 
-    def _ingest(self, raw: procfs.RawProcess, existing: ProcessInfo | None, depth: int, now: float) -> ProcessInfo | None:
+    def _ingest(
+        self, raw: procfs.RawProcess, existing: ProcessInfo | None, depth: int, now: float
+    ) -> ProcessInfo | None:
         command_line = " ".join(raw.argv) if raw.argv is not None else None
         complete = True
         mid_exec = raw.argv == [] and raw.exe is not None and raw.state != "Z"
@@ -261,7 +263,9 @@ class ProcessCollector:
 
     def _emit_exec(self, info: ProcessInfo) -> None:
         self.stats["exec_events"] += 1
-        self.emit(RuntimeEvent("process.exec", info, time=max(info.start_time, 0.0) if info.exec_seq == 0 else time.time()))
+        self.emit(
+            RuntimeEvent("process.exec", info, time=max(info.start_time, 0.0) if info.exec_seq == 0 else time.time())
+        )
 
     def _emit_exit(self, info: ProcessInfo, exit_code: int | None) -> None:
         info.exited_at = time.time()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import resource
 import signal
 import time
@@ -99,13 +98,17 @@ class Sidecar:
         wanted = choose_process_source(self.probe["sources"], s.process_source)
         candidates = [wanted] if wanted else []
         if s.process_source == "auto" or not wanted:
-            candidates += [n for n in ("proc_connector", "proc_poll") if n != wanted and self.probe["sources"][n]["available"]]
+            candidates += [
+                n for n in ("proc_connector", "proc_poll") if n != wanted and self.probe["sources"][n]["available"]
+            ]
         log.info(
             "sources chosen",
             extra={
                 "version": __version__,
-                "process": wanted,
-                "sources": {k: {"available": v["available"], "reason": v["reason"]} for k, v in self.probe["sources"].items()},
+                "processSource": wanted,
+                "sources": {
+                    k: {"available": v["available"], "reason": v["reason"]} for k, v in self.probe["sources"].items()
+                },
                 "capabilities": self.probe["capabilities"],
             },
         )
@@ -182,9 +185,4 @@ class Sidecar:
 
 
 def run(settings: Settings) -> int:
-    try:
-        import uvloop  # type: ignore[import-not-found]  # noqa: F401
-    except ImportError:
-        pass
-    os.environ.pop("PYTHONASYNCIODEBUG", None)
     return asyncio.run(Sidecar(settings).run())

@@ -28,7 +28,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", validate_default=True)
 
     findings_out: str | None = Field(None, description="Write findings as JSON lines to this path ('-' for stdout).")
-    events_out: str | None = Field(None, description="Write every runtime event as JSON lines to this path ('-' for stdout).")
+    events_out: str | None = Field(
+        None, description="Write every runtime event as JSON lines to this path ('-' for stdout)."
+    )
     collector_url: str | None = Field(None, description="Base URL of the backend's collector API.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
     process_source: Literal["auto", "proc_connector", "proc_poll"] = Field(

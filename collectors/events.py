@@ -8,12 +8,20 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
+
+import orjson
+
+_second_cache: tuple[int, str] = (-1, "")
 
 
 def iso_time(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """RFC 3339 UTC with milliseconds. The seconds part is cached: events come in bursts."""
+    global _second_cache
+    sec = int(ts)
+    if _second_cache[0] != sec:
+        _second_cache = (sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)))
+    return f"{_second_cache[1]}.{int((ts - sec) * 1000):03d}Z"
 
 
 @dataclass(slots=True)
@@ -68,6 +76,8 @@ class ProcessInfo:
     exit_code: int | None = None
     # False when the process vanished before its details could be read.
     complete: bool = True
+    # to_json() serialized once: the exec and exit events of a process share it.
+    _json: bytes | None = None
 
     def to_json(self) -> dict[str, Any]:
         c = self.container
@@ -98,6 +108,14 @@ class ProcessInfo:
             "complete": self.complete,
         }
 
+    def json_bytes(self) -> bytes:
+        if self._json is None:
+            self._json = orjson.dumps(self.to_json())
+        return self._json
+
+    def invalidate_json(self) -> None:
+        self._json = None
+
 
 @dataclass(slots=True)
 class RuntimeEvent:
@@ -113,3 +131,10 @@ class RuntimeEvent:
         if self.data:
             out.update(self.data)
         return out
+
+    def to_bytes(self) -> bytes:
+        """The event as one JSON object; the process part is reused, not re-serialized."""
+        head = orjson.dumps({"kind": self.kind, "time": iso_time(self.time), **(self.data or {})})
+        if self.process is None:
+            return head
+        return head[:-1] + b',"process":' + self.process.json_bytes() + b"}"

@@ -24,6 +24,7 @@ from collections import Counter
 from typing import Any
 
 from collectors import capabilities
+from collectors.budget import CpuBudget
 from collectors.process import ProcessCollector
 
 log = logging.getLogger(__name__)
@@ -143,8 +144,16 @@ def probe(timeout: float = 1.0) -> dict[str, Any]:
 class ConnectorProcessSource:
     name = "proc_connector"
 
-    def __init__(self, collector: ProcessCollector, *, rcvbuf: int = 8 << 20, sweep_interval: float = 10.0) -> None:
+    def __init__(
+        self,
+        collector: ProcessCollector,
+        *,
+        rcvbuf: int = 8 << 20,
+        sweep_interval: float = 10.0,
+        budget: CpuBudget | None = None,
+    ) -> None:
         self.collector = collector
+        self.budget = budget or CpuBudget(1.0)
         collector.track_young = False  # exec events are explicit here
         self.rcvbuf = rcvbuf
         self.sweep_interval = sweep_interval
@@ -199,7 +208,10 @@ class ConnectorProcessSource:
     def _handle(self, what: int, fields: tuple[int, ...]) -> None:
         if what == PROC_EVENT_EXEC:
             self.stats["exec"] += 1
-            self.collector.capture(fields[1])
+            if self.budget.allow():
+                self.collector.capture(fields[1])
+            else:
+                self.stats["exec_skipped_over_budget"] += 1
         elif what == PROC_EVENT_EXIT:
             pid, tgid = fields[0], fields[1]
             if pid == tgid:

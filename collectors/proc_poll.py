@@ -33,6 +33,7 @@ from inotify_simple import INotify
 from inotify_simple import flags as in_flags
 
 from collectors import procfs
+from collectors.budget import CpuBudget
 from collectors.process import ProcessCollector
 
 log = logging.getLogger(__name__)
@@ -64,8 +65,10 @@ class PollingProcessSource:
         max_wakeups_per_s: float = 4000.0,
         max_pidfds: int = 16384,
         use_inotify: bool = True,
+        budget: CpuBudget | None = None,
     ) -> None:
         self.collector = collector
+        self.budget = budget or CpuBudget(1.0)
         self.fast_interval = fast_interval
         self.idle_interval = idle_interval
         self.burst = burst
@@ -223,6 +226,11 @@ class PollingProcessSource:
             count = (self._pid_max - prev) + last
             ranges = [range(prev + 1, self._pid_max), range(2, last + 1)]
         self.stats["pids_allocated"] += count
+        if not self.budget.allow():
+            # Over the CPU budget: leave these pids to the next sweep (the
+            # long-lived ones will still be there) and count them.
+            self.stats["pids_skipped_over_budget"] += count
+            return 0
         if count > STORM_PIDS:
             self.stats["storm_sweeps"] += 1
             new, _ = self._sweep(now)
@@ -231,6 +239,9 @@ class PollingProcessSource:
         table = self.collector.table
         for rng in ranges:
             for pid in rng:
+                if found & 31 == 31 and not self.budget.allow():
+                    self.stats["pids_skipped_over_budget"] += 1
+                    continue
                 known = table.get(pid)
                 info = self.collector.capture(pid, now=now)
                 if info is not None and info is not known:

@@ -237,6 +237,7 @@ class ProcessCollector:
         def done(f: asyncio.Future[str | None]) -> None:
             if not f.cancelled() and f.exception() is None:
                 info.executable_sha256 = f.result()
+                info.invalidate_json()
 
         fut.add_done_callback(done)
         return fut

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import resource
 import signal
 import time
 from typing import Any, Protocol
 
+from collectors.budget import CpuBudget
 from collectors.events import RuntimeEvent
 from collectors.exe_hash import ExeHasher
 from collectors.proc_connector import ConnectorProcessSource
@@ -48,6 +50,7 @@ class Sidecar:
         self.source: Source | None = None
         self.probe: dict[str, Any] = {}
         self.identity: ecs.TaskIdentity | None = None
+        self.refresher: ecs.MetadataRefresher
         self.events_seen = 0
         self._stop = asyncio.Event()
         self._started = time.monotonic()
@@ -56,7 +59,7 @@ class Sidecar:
     def on_event(self, event: RuntimeEvent) -> None:
         self.events_seen += 1
         if self.events_out is not None:
-            self.events_out.write(event.to_json())
+            self.events_out.write_raw(event.to_bytes())
 
     # -- lifecycle ----------------------------------------------------------------
     def request_stop(self) -> None:
@@ -79,14 +82,17 @@ class Sidecar:
     def _make_source(self, name: str) -> Source:
         assert self.collector is not None
         s = self.settings
+        budget = CpuBudget(s.cpu_budget_pct / 100)
         if name == "proc_connector":
-            return ConnectorProcessSource(self.collector, sweep_interval=max(s.poll_sweep_interval_s, 10.0))
+            sweep = max(s.poll_sweep_interval_s, 10.0)
+            return ConnectorProcessSource(self.collector, sweep_interval=sweep, budget=budget)
         return PollingProcessSource(
             self.collector,
             fast_interval=s.poll_fast_interval_ms / 1000,
             idle_interval=s.poll_idle_interval_ms / 1000,
             sweep_interval=s.poll_sweep_interval_s,
             use_inotify=s.poll_inotify_wakeups,
+            budget=budget,
         )
 
     async def run(self) -> int:
@@ -94,6 +100,9 @@ class Sidecar:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
         s = self.settings
+        if s.nice:
+            # Below the task's own processes: on a contended CPU the app wins.
+            os.nice(s.nice)
         self.probe = await loop.run_in_executor(None, run_probe)
         wanted = choose_process_source(self.probe["sources"], s.process_source)
         candidates = [wanted] if wanted else []
@@ -115,9 +124,13 @@ class Sidecar:
         self.identity = await ecs.load_identity(s.metadata_uri, account_id=s.account_id, region=s.region)
         log.info("identity", extra={"identity": self.identity.summary()})
         self._open_outputs()
+        resolver = ecs.ContainerResolver(self.identity)
+        # Containers that start after us appear in /task later: re-read it when
+        # the resolver meets an id it does not know.
+        self.refresher = ecs.MetadataRefresher(resolver)
         self.collector = ProcessCollector(
             self.on_event,
-            resolve_container=ecs.ContainerResolver(self.identity),
+            resolve_container=resolver,
             table=ProcessTable(max_live=s.max_processes, max_exited=s.max_exited_processes),
             hasher=ExeHasher(size_limit=s.hash_max_bytes),
             hash_executables=s.hash_executables,
@@ -127,6 +140,7 @@ class Sidecar:
             await self._run_sources(candidates)
         finally:
             stats_task.cancel()
+            self.refresher.close()
             await self._shutdown()
         return 0
 

@@ -40,6 +40,13 @@ class Settings(BaseSettings):
     poll_idle_interval_ms: float = Field(25.0, gt=0.1, le=10000, description="Polling interval when nothing happens.")
     poll_sweep_interval_s: float = Field(2.0, gt=0, le=3600, description="Full /proc reconciliation period.")
     poll_inotify_wakeups: bool = Field(True, description="Wake on exec through inotify on binary and library dirs.")
+    cpu_budget_pct: float = Field(
+        25.0,
+        gt=0,
+        le=100,
+        description="Most of one core the process sources may use; over it, new processes are counted, not read.",
+    )
+    nice: int = Field(10, ge=0, le=19, description="Niceness: on a contended CPU the task's own work wins.")
     hash_executables: bool = Field(True, description="Compute the SHA-256 of executables (cached per file).")
     hash_max_bytes: int = Field(256 << 20, ge=0, description="Do not hash executables larger than this.")
     max_processes: int = Field(65536, ge=64, description="Live processes kept in the process table.")

@@ -50,6 +50,16 @@ class JsonLinesOutput:
         if self._size >= self.flush_bytes:
             self._wake.set()
 
+    def write_raw(self, line: bytes) -> None:
+        """Write one already-serialized JSON object (without the newline)."""
+        if len(self._buf) >= self.max_queue:
+            self.dropped += 1
+            return
+        self._buf.append(line + b"\n")
+        self._size += len(line) + 1
+        if self._size >= self.flush_bytes:
+            self._wake.set()
+
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"output:{self.path}")
 

@@ -17,6 +17,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -25,6 +26,10 @@ FARGATE_CAPS = (
     "chown,dac_override,fsetid,fowner,mknod,net_raw,setgid,setuid,setfcap,setpcap,"
     "net_bind_service,sys_chroot,kill,audit_write,sys_ptrace"
 )
+
+
+# Extra RUNTIME_SIDECAR_* settings of the run (e.g. NICE), from the parameters.
+SIDECAR_ENV: dict[str, object] = {}
 
 
 def cpu_seconds(pid: int) -> float:
@@ -76,7 +81,8 @@ def start_sidecar(events: str, source: str, caps: bool, cpu: int | None) -> subp
         cmd = ["setpriv", f"--bounding-set=-all,+{FARGATE_CAPS.replace(',', ',+')}", "--inh-caps=-all", *cmd]
     if cpu is not None:
         cmd = ["taskset", "-c", str(cpu), *cmd]
-    env = {**os.environ, "RUNTIME_SIDECAR_LOG_LEVEL": "WARNING", "RUNTIME_SIDECAR_STATS_INTERVAL_S": "3600"}
+    env = {**os.environ, "RUNTIME_SIDECAR_LOG_LEVEL": "WARNING", "RUNTIME_SIDECAR_STATS_INTERVAL_S": "3600",
+           **{k: str(v) for k, v in SIDECAR_ENV.items()}}  # fmt: skip
     env.pop("ECS_CONTAINER_METADATA_URI_V4", None)
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)
     deadline = time.time() + 20
@@ -102,7 +108,7 @@ def stop_sidecar(proc: subprocess.Popen[bytes]) -> int:
         return proc.wait()
 
 
-def capture(args: dict[str, object]) -> dict[str, object]:
+def capture(args: dict[str, Any]) -> dict[str, Any]:
     tmp = tempfile.mkdtemp(prefix="bench-")
     events = f"{tmp}/events.jsonl"
     source = str(args["source"])
@@ -110,21 +116,24 @@ def capture(args: dict[str, object]) -> dict[str, object]:
     pid = sidecar_pid(proc)
     reaper = Reaper()
     reaper.start()
-    out: dict[str, object] = {"source": source}
-    idle_s = float(args["idle_seconds"])  # type: ignore[arg-type]
+    out: dict[str, Any] = {"source": source}
+    idle_s = float(args["idle_seconds"])
     c0 = cpu_seconds(pid)
     time.sleep(idle_s)
     out["idle_cpu_pct"] = round((cpu_seconds(pid) - c0) / idle_s * 100, 2)
     classes = []
-    for rate in args["rates"]:  # type: ignore[attr-defined]
-        for life in args["lifetimes"]:  # type: ignore[attr-defined]
+    for rate in args["rates"]:
+        for life in args["lifetimes"]:
             prefix = f"bm{rate}x{int(life * 1000)}ms"
             c0, t0 = cpu_seconds(pid), time.perf_counter()
-            achieved = spawn_class(prefix, int(args["per_class"]), float(rate), float(life))  # type: ignore[arg-type]
+            achieved = spawn_class(prefix, int(args["per_class"]), float(rate), float(life))
             time.sleep(max(life, 0.05) + 0.3)
             wall = time.perf_counter() - t0
-            classes.append({"rate": rate, "lifetime_ms": life * 1000, "prefix": prefix, "achieved_rate": round(achieved),
-                            "load_cpu_pct": round((cpu_seconds(pid) - c0) / wall * 100, 1)})  # fmt: skip
+            load_cpu = round((cpu_seconds(pid) - c0) / wall * 100, 1)
+            classes.append(
+                {"rate": rate, "lifetime_ms": life * 1000, "prefix": prefix, "achieved_rate": round(achieved),
+                 "load_cpu_pct": load_cpu}
+            )  # fmt: skip
     time.sleep(1.0)
     out["peak_rss_mb"] = round(status_kb(pid, "VmHWM") / 1024, 1)
     out["exit_code"] = stop_sidecar(proc)
@@ -139,19 +148,19 @@ def capture(args: dict[str, object]) -> dict[str, object]:
             if cmd.startswith("bm"):
                 seen[cmd.split()[0]] = 1
     for c in classes:
-        n = int(args["per_class"])  # type: ignore[arg-type]
+        n = int(args["per_class"])
         got = sum(1 for i in range(n) if f"{c['prefix']}-{i}" in seen)
         c["caught_pct"] = round(got / n * 100, 1)
     out["classes"] = classes
     return out
 
 
-def workload_cost(args: dict[str, object]) -> dict[str, object]:
+def workload_cost(args: dict[str, Any]) -> dict[str, Any]:
     """Time a process-creation loop with and without the sidecar, alternating, both on one CPU."""
     cpu = 0
     os.sched_setaffinity(0, {cpu})
-    n = int(args["loop_spawns"])  # type: ignore[arg-type]
-    rounds = int(args["rounds"])  # type: ignore[arg-type]
+    n = int(args["loop_spawns"])
+    rounds = int(args["rounds"])
 
     def loop() -> float:
         t0 = time.perf_counter()
@@ -175,5 +184,6 @@ def workload_cost(args: dict[str, object]) -> dict[str, object]:
 
 if __name__ == "__main__":
     params = json.loads(sys.argv[2])
+    SIDECAR_ENV.update(params.get("env", {}))
     result = capture(params) if sys.argv[1] == "capture" else workload_cost(params)
     sys.stdout.write(json.dumps(result) + "\n")

@@ -25,6 +25,7 @@ import errno
 import logging
 import os
 import resource
+import select
 import time
 from collections import Counter
 from typing import Any
@@ -133,10 +134,19 @@ class PollingProcessSource:
         if self._timer is not None:
             self._timer.cancel()
         loop = self._loop
+        # Exits that happened but whose callbacks have not run yet: report them
+        # now, so a stop right after a process ends does not lose its exit.
+        ready = select.poll()
         for fd, _ in self._pidfds.values():
+            ready.register(fd, select.POLLIN)
+        exited = {fd for fd, _ in ready.poll(0)}
+        for pid, (fd, start_ticks) in list(self._pidfds.items()):
             if loop is not None:
                 loop.remove_reader(fd)
             os.close(fd)
+            info = self.collector.table.get(pid)
+            if fd in exited and info is not None and info.start_ticks == start_ticks:
+                self.collector.exited(pid, None)
         self._pidfds.clear()
         if self._inotify is not None:
             if loop is not None:

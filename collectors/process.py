@@ -144,8 +144,11 @@ class ProcessCollector:
         if existing is not None and existing.start_ticks == raw.start_ticks:
             if existing.executable_path == raw.exe and existing.command_line == command_line:
                 return existing
-            if not existing.complete and existing.executable_path == raw.exe:
-                exec_seq = existing.exec_seq  # the same exec, now fully visible
+            if raw.pid in self._tentative:
+                # The image we held back (a fork before its exec, or an exec
+                # half done) was never emitted: this one replaces it under the
+                # same uuid, which children may already name as their parent.
+                exec_seq = existing.exec_seq
             else:
                 exec_seq = existing.exec_seq + 1
                 self.stats["exec_in_place"] += 1
@@ -313,11 +316,15 @@ class ProcessCollector:
                 heapq.heappush(heap, (now + RECHECK_DELAYS[step + 1], pid, uuid, step + 1))
         if self._tentative:
             for pid, due in list(self._tentative.items()):
-                if due <= now:
-                    del self._tentative[pid]
-                    info = self.table.get(pid)
-                    if info is not None:
-                        self._emit_exec(info)
+                if due > now:
+                    continue
+                info = self.table.get(pid)
+                if info is not None and self._changed(info):
+                    self.capture(pid, now=now)  # it did exec (we were late): the real image
+                    continue
+                del self._tentative[pid]
+                if info is not None:
+                    self._emit_exec(info)  # a fork that does not exec is a process too
         return done
 
     def recheck_tentative(self, now: float | None = None) -> int:

@@ -82,7 +82,9 @@ class Sidecar:
     def _make_source(self, name: str) -> Source:
         assert self.collector is not None
         s = self.settings
-        budget = CpuBudget(s.cpu_budget_pct / 100)
+        # A host daemon may spend more than a sidecar living in someone's task.
+        pct = s.cpu_budget_pct if s.cpu_budget_pct is not None else (50.0 if name == "proc_connector" else 20.0)
+        budget = CpuBudget(pct / 100)
         if name == "proc_connector":
             sweep = max(s.poll_sweep_interval_s, 10.0)
             return ConnectorProcessSource(self.collector, sweep_interval=sweep, budget=budget)

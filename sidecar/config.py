@@ -40,13 +40,20 @@ class Settings(BaseSettings):
     poll_idle_interval_ms: float = Field(25.0, gt=0.1, le=10000, description="Polling interval when nothing happens.")
     poll_sweep_interval_s: float = Field(2.0, gt=0, le=3600, description="Full /proc reconciliation period.")
     poll_inotify_wakeups: bool = Field(True, description="Wake on exec through inotify on binary and library dirs.")
-    cpu_budget_pct: float = Field(
-        25.0,
+    cpu_budget_pct: float | None = Field(
+        None,
         gt=0,
         le=100,
-        description="Most of one core the process sources may use; over it, new processes are counted, not read.",
+        description="Most of one core the process sources may use (over it, new pids are counted, not read); "
+        "default 20 inside a task (polling), 50 for a host daemon (proc connector).",
     )
-    nice: int = Field(10, ge=0, le=19, description="Niceness: on a contended CPU the task's own work wins.")
+    nice: int = Field(
+        0,
+        ge=0,
+        le=19,
+        description="Niceness. Above 0 the task's work wins a contended CPU, but a CPU-bound attacker "
+        "(a miner) then starves the sidecar.",
+    )
     hash_executables: bool = Field(True, description="Compute the SHA-256 of executables (cached per file).")
     hash_max_bytes: int = Field(256 << 20, ge=0, description="Do not hash executables larger than this.")
     max_processes: int = Field(65536, ge=64, description="Live processes kept in the process table.")
@@ -150,3 +157,13 @@ def describe_settings() -> list[tuple[str, str, str]]:
         default = field.default
         out.append((ENV_PREFIX + name.upper(), "" if default is None else str(default), field.description or ""))
     return out
+
+
+def markdown_table() -> str:
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    rows += [f"| `{name}` | {default} | {desc} |" for name, default, desc in describe_settings()]
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":  # `python -m sidecar.config` prints the README's table
+    print(markdown_table())

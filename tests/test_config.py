@@ -78,3 +78,10 @@ def test_idle_interval_must_not_be_below_fast(monkeypatch: pytest.MonkeyPatch) -
 def test_metadata_uri_comes_from_ecs_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ECS_CONTAINER_METADATA_URI_V4", "http://169.254.170.2/v4/abc")
     assert config.load().metadata_uri == "http://169.254.170.2/v4/abc"
+
+
+def test_readme_configuration_table_is_current() -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    start = readme.index("<!-- config-table:start -->") + len("<!-- config-table:start -->")
+    end = readme.index("<!-- config-table:end -->")
+    assert readme[start:end].strip() == config.markdown_table(), "regenerate with: python -m sidecar.config"

@@ -19,10 +19,8 @@ def test_contract_every_field_typed() -> None:
     raw = procfs.read_process(os.getpid())
     assert raw.pid == os.getpid() == raw.tgid
     assert raw.ppid == os.getppid()
-    assert (
-        (raw.argv is not None
-        and raw.argv[0].endswith(("python", "python3", "pytest")))
-        or "pytest" in " ".join(raw.argv or [])
+    assert (raw.argv is not None and raw.argv[0].endswith(("python", "python3", "pytest"))) or "pytest" in " ".join(
+        raw.argv or []
     )
     assert raw.exe is not None and os.path.samefile(raw.exe, sys.executable)
     assert raw.cwd == os.getcwd()

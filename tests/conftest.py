@@ -1,0 +1,34 @@
+"""Shared fixtures: the emulated ECS task (tests/taskenv.py).
+
+Function-scoped: a task starts in about 0.1 s, and each test gets fresh processes, an empty event stream and its
+own metadata endpoint. Tests that need another layout (other containers, a non-root container) use
+``with TaskEnv(tmp_path_factory.mktemp("task"), [...]) as task:`` directly.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+from taskenv import TaskEnv
+
+
+def _task(tmp_path_factory: pytest.TempPathFactory, *, net_raw: bool) -> Iterator[TaskEnv]:
+    if os.geteuid() != 0:
+        pytest.skip("the emulated ECS task needs root (namespaces, mounts, cgroups)")
+    with TaskEnv(tmp_path_factory.mktemp("task"), net_raw=net_raw) as task:
+        yield task
+
+
+@pytest.fixture
+def task_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TaskEnv]:
+    """A running Fargate task: containers "app" and "worker", the "runtime-sidecar" container (not started:
+    task_env.start_sidecar(...)), Fargate's capabilities for the sidecar (defaults + SYS_PTRACE)."""
+    yield from _task(tmp_path_factory, net_raw=True)
+
+
+@pytest.fixture
+def task_env_no_netraw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TaskEnv]:
+    """The same task, with NET_RAW dropped from the sidecar container (no packet capture possible)."""
+    yield from _task(tmp_path_factory, net_raw=False)

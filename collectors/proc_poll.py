@@ -310,11 +310,14 @@ class PollingProcessSource:
         entry = self._pidfds.get(pid)
         if entry is None or entry[0] != fd:
             return
-        code = procfs.read_exit_code(pid)
+        zombie = procfs.read_zombie(pid)
         self._drop_pidfd(pid)
         info = self.collector.table.get(pid)
         if info is not None and info.start_ticks == entry[1]:
-            self.collector.exited(pid, code)
+            if zombie is None:
+                self.collector.exited(pid, None)
+            else:
+                self.collector.exited(pid, zombie[1], comm=zombie[0])
 
     # -- watches ------------------------------------------------------------------
     def watch_root(self, pid: int, mnt_ns: int | None) -> int:

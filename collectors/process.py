@@ -21,6 +21,7 @@ import time
 import uuid as uuid_mod
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import replace
 
 from collectors import procfs
 from collectors.events import ContainerRef, ProcessInfo, RuntimeEvent
@@ -278,12 +279,24 @@ class ProcessCollector:
         self.emit(RuntimeEvent("process.exit", info, time=info.exited_at, data={"exitCode": exit_code}))
 
     # -- exits --------------------------------------------------------------------
-    def exited(self, pid: int, exit_code: int | None = None) -> None:
+    def exited(self, pid: int, exit_code: int | None = None, comm: str | None = None) -> None:
+        """The process behind pid exited. ``comm``: its name read from the zombie, if the source could."""
         info = self.table.get(pid)
         if info is None:
             return
         self.table.remove(pid)
         if self._tentative.pop(pid, None) is not None:
+            if comm is not None and comm != info.name:
+                # It did exec (the zombie's name says into what) and exited before
+                # we could read the new image: say what we know, flagged as such,
+                # rather than report another run of its parent.
+                self.stats["exec_unseen"] += 1
+                info = replace(info, name=comm, executable_path=None, executable_sha256=None, command_line=None,
+                               complete=False, _json=None)  # fmt: skip
+            elif comm is None:
+                # Gone before we could tell whether it exec'd: a fork of its
+                # parent as far as we know, and flagged as not certain.
+                info = replace(info, complete=False, _json=None)
             self._emit_exec(info)  # a fork that never exec'd is still a process
         pending = self._pending_emit.get(pid)
         if pending is not None and not pending.done():
@@ -321,6 +334,10 @@ class ProcessCollector:
                 info = self.table.get(pid)
                 if info is not None and self._changed(info):
                     self.capture(pid, now=now)  # it did exec (we were late): the real image
+                    continue
+                zombie = procfs.read_zombie(pid) if info is not None else None
+                if zombie is not None:
+                    self.exited(pid, zombie[1], comm=zombie[0])  # it ended before its exit was reported
                     continue
                 del self._tentative[pid]
                 if info is not None:

@@ -199,13 +199,14 @@ def open_pid_dir(pid: int) -> int:
         raise _classify(exc, f"/proc/{pid}") from None
 
 
-def read_process(pid: int, *, want_exe_fd: bool = False, want_env: bool = True) -> RawProcess:
-    """Read one process. Raises ProcessGone, NotAProcess; never AccessDenied."""
-    dfd = open_pid_dir(pid)
+def _read_once(pid: int, dfd: int, want_exe_fd: bool, want_env: bool) -> RawProcess:
     exe_fd: int | None = None
     try:
-        # cmdline and exe first: they are what a process loses first when it
+        # exe and cmdline first: they are what a process loses first when it
         # exits (a zombie has neither), and what an investigation needs most.
+        # exe before cmdline: an exec between the two then shows as a changed
+        # exe at the end (see read_process), never as new exe + old arguments.
+        exe_link = _readlink("exe", dfd)
         argv: list[str] | None
         try:
             raw = read_all("cmdline", dfd)
@@ -215,7 +216,6 @@ def read_process(pid: int, *, want_exe_fd: bool = False, want_env: bool = True) 
             if isinstance(err, ProcessGone):
                 raise err from None
             argv = None
-        exe_link = _readlink("exe", dfd)
         exe, deleted = split_deleted(exe_link) if exe_link else (None, False)
         exe_file = None
         if exe is not None:
@@ -295,6 +295,28 @@ def read_process(pid: int, *, want_exe_fd: bool = False, want_env: bool = True) 
         if exe_fd is not None:
             os.close(exe_fd)
         raise
+
+
+def read_process(pid: int, *, want_exe_fd: bool = False, want_env: bool = True) -> RawProcess:
+    """Read one process. Raises ProcessGone, NotAProcess; never AccessDenied.
+
+    An exec can land between two of the reads (a child caught right after its
+    fork). The exe link is read again at the end; if it moved, the process is
+    read again, so fields never mix two images.
+    """
+    dfd = open_pid_dir(pid)
+    try:
+        for _ in range(3):
+            raw = _read_once(pid, dfd, want_exe_fd, want_env)
+            try:
+                now = os.readlink("exe", dir_fd=dfd)
+            except OSError:
+                return raw  # exiting or a kernel thread: what we read is all there is
+            if split_deleted(now)[0] == raw.exe:
+                return raw
+            if raw.exe_fd is not None:
+                os.close(raw.exe_fd)
+        return raw
     finally:
         os.close(dfd)
 
@@ -316,19 +338,31 @@ def read_exe_link(pid: int) -> str | None:
         return None
 
 
-def read_exit_code(pid: int) -> int | None:
-    """Exit status of a zombie (field 52 of stat), None if unreadable or reaped."""
+def read_zombie(pid: int) -> tuple[str, int] | None:
+    """(comm, exit status) of a process that has exited but is not reaped yet.
+
+    comm survives in the zombie and names the image it last exec'd, which is
+    all that is left to say about a process that exec'd and exited unseen.
+    None if the pid is not (or no longer) a zombie.
+    """
     try:
         data = read_small(f"{PROC}/{pid}/stat")
     except OSError:
         return None
+    comm, state, _, _ = _parse_stat(data)
     fields = data[data.rindex(b")") + 2 :].split()
-    if len(fields) < 50 or fields[0] not in (b"Z", b"X"):
+    if len(fields) < 50 or state not in ("Z", "X"):
         return None
     status = int(fields[49])
     if status & 0x7F:
-        return -(status & 0x7F)  # killed by a signal, negative like subprocess
-    return (status >> 8) & 0xFF
+        return comm, -(status & 0x7F)  # killed by a signal, negative like subprocess
+    return comm, (status >> 8) & 0xFF
+
+
+def read_exit_code(pid: int) -> int | None:
+    """Exit status of a zombie (field 52 of stat), None if unreadable or reaped."""
+    z = read_zombie(pid)
+    return None if z is None else z[1]
 
 
 def list_pids() -> list[int]:

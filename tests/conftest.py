@@ -16,7 +16,7 @@ from taskenv import TaskEnv
 
 def _task(tmp_path_factory: pytest.TempPathFactory, *, net_raw: bool) -> Iterator[TaskEnv]:
     if os.geteuid() != 0:
-        pytest.skip("the emulated ECS task needs root (namespaces, mounts, cgroups)")
+        pytest.fail("the emulated ECS task needs root (namespaces, mounts, cgroups): run the tests as root")
     with TaskEnv(tmp_path_factory.mktemp("task"), net_raw=net_raw) as task:
         yield task
 

@@ -35,6 +35,7 @@ from inotify_simple import flags as in_flags
 
 from collectors import procfs
 from collectors.budget import CpuBudget
+from collectors.events import ProcessInfo
 from collectors.process import ProcessCollector
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,8 @@ WAKE_DIRS = (
 # More pids than this allocated between two looks: list /proc instead of
 # probing each pid (cheaper, and the right call in a fork storm).
 STORM_PIDS = 4096
+# Directories learnt from running executables, over all containers.
+MAX_EXTRA_DIRS = 1024
 
 
 class PollingProcessSource:
@@ -92,6 +95,7 @@ class PollingProcessSource:
         self._stopped = asyncio.Event()
         self._inotify: INotify | None = None
         self._watched_ns: set[int | None] = set()
+        self._watched_dirs: set[tuple[int | None, str]] = set()
         self._use_inotify = use_inotify
         self._pidfds: dict[int, tuple[int, int]] = {}  # pid -> (pidfd, start_ticks)
         self._max_pidfds = self._raise_fd_limit(max_pidfds)
@@ -257,8 +261,7 @@ class PollingProcessSource:
                 if info is not None and info is not known:
                     found += 1
                     self._track_exit(info.pid, info.start_ticks)
-                    if info.mnt_ns not in self._watched_ns:
-                        self.watch_root(info.pid, info.mnt_ns)
+                    self._watch_for(info)
         return found
 
     def _scan_exec_in_place(self) -> None:
@@ -274,8 +277,7 @@ class PollingProcessSource:
         for info in self.collector.table.live():
             if info.pid not in self._pidfds:
                 self._track_exit(info.pid, info.start_ticks)
-            if info.mnt_ns not in self._watched_ns:
-                self.watch_root(info.pid, info.mnt_ns)
+            self._watch_for(info)
         return new, exited
 
     def _track_exit(self, pid: int, start_ticks: int) -> None:
@@ -320,6 +322,34 @@ class PollingProcessSource:
                 self.collector.exited(pid, zombie[1], comm=zombie[0])
 
     # -- watches ------------------------------------------------------------------
+    def _watch_for(self, info: ProcessInfo) -> None:
+        if info.mnt_ns not in self._watched_ns:
+            self.watch_root(info.pid, info.mnt_ns)
+        path = info.executable_path
+        if path and path.startswith("/") and not info.executable_deleted:
+            self.watch_dir(info.pid, info.mnt_ns, os.path.dirname(path))
+
+    def watch_dir(self, pid: int, mnt_ns: int | None, directory: str) -> bool:
+        """Also wake on execs from a directory a process of this container ran from.
+
+        The fixed list covers the system's bin and lib dirs; an app's own
+        (/app/bin, /opt/x) is learnt from what runs. A static binary run from
+        an unwatched directory is found by the timer only.
+        """
+        key = (mnt_ns, directory)
+        if self._inotify is None or key in self._watched_dirs or len(self._watched_dirs) >= MAX_EXTRA_DIRS:
+            return False
+        self._watched_dirs.add(key)
+        path = _resolve_in_root(pid, directory)
+        if path is None:
+            return False
+        try:
+            self._inotify.add_watch(path, in_flags.OPEN | in_flags.ONLYDIR)
+        except OSError:
+            return False
+        self.stats["wake_watches"] += 1
+        return True
+
     def watch_root(self, pid: int, mnt_ns: int | None) -> int:
         """Add exec wake-up watches for the filesystem of pid's mount namespace."""
         if self._inotify is None or mnt_ns in self._watched_ns:

@@ -12,6 +12,7 @@ import os
 import subprocess
 import uuid
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import pytest
 
@@ -146,3 +147,39 @@ async def test_benign_exec_storm_leaves_no_state_behind(harness: Harness) -> Non
     exits = {e.process.uuid for e in sleeps if e.kind == "process.exit"}  # type: ignore[union-attr]
     assert len(execs) >= 150  # most of them seen (they live 20 ms; the bench measures the exact rate)
     assert exits == execs
+
+
+async def test_static_binary_in_an_app_directory_wakes_the_poller(tmp_path: Path) -> None:
+    """A static binary opens no library: only a watch on its own directory can wake us at its exec.
+
+    The timer is slowed to 2 s here, so a 40 ms process can only be seen through
+    that wake-up; the directory is learnt from a first, long-lived run.
+    """
+    src = tmp_path / "st.c"
+    src.write_text(
+        "#include <stdlib.h>\n#include <unistd.h>\nint main(int c, char **v) { usleep(atoi(v[1]) * 1000); }\n"
+    )
+    appdir = tmp_path / "opt" / "app" / "bin"
+    appdir.mkdir(parents=True)
+    exe = appdir / "static-tool"
+    subprocess.run(["gcc", "-static", "-O2", "-o", str(exe), str(src)], check=True)
+    events: list[RuntimeEvent] = []
+    collector = ProcessCollector(events.append)
+    source = PollingProcessSource(collector, fast_interval=2.0, idle_interval=2.0, sweep_interval=0.5)
+    task = asyncio.get_running_loop().create_task(source.run())
+    try:
+        await asyncio.sleep(0.3)
+        await run([str(exe), "1500"])  # long-lived: found by a sweep, its directory is then watched
+        assert any(e.kind == "process.exec" and e.process and e.process.executable_path == str(exe) for e in events)
+        source.sweep_interval = 3600.0
+        await asyncio.sleep(2.5)  # let the last sweep and timer pass
+        for i in range(5):
+            await run([str(exe), f"4{i}"])
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)
+        seen = {e.process.command_line for e in events if e.kind == "process.exec" and e.process}
+        assert {f"{exe} 4{i}" for i in range(5)} <= seen
+    finally:
+        source.stop()
+        await asyncio.wait_for(task, 5)
+        collector.hasher.shutdown()

@@ -66,7 +66,7 @@ class PollingProcessSource:
         idle_interval: float = 0.025,
         burst: float = 0.5,
         sweep_interval: float = 2.0,
-        max_wakeups_per_s: float = 4000.0,
+        max_wakeups_per_s: float = 1000.0,
         max_pidfds: int = 16384,
         use_inotify: bool = True,
         budget: CpuBudget | None = None,

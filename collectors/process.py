@@ -199,8 +199,9 @@ class ProcessCollector:
             info.exe_setuid = raw.exe_file.setuid
         if existing is not None and existing.start_ticks != raw.start_ticks:
             # The old process behind this pid exited and its pid was reused
-            # before we noticed: report the exit we missed.
-            self._emit_exit(existing, None)
+            # before we noticed: report the exit we missed (and its image, if
+            # it was still held back).
+            self.exited(existing.pid, None)
         self.table.add(info)
         self.stats["processes_seen"] += 1
         self._tentative.pop(raw.pid, None)

@@ -147,6 +147,14 @@ async def test_benign_exec_storm_leaves_no_state_behind(harness: Harness) -> Non
     exits = {e.process.uuid for e in sleeps if e.kind == "process.exit"}  # type: ignore[union-attr]
     assert len(execs) >= 150  # most of them seen (they live 20 ms; the bench measures the exact rate)
     assert exits == execs
+    # nothing per-process is left behind once they are gone (memory stays bounded)
+    await asyncio.sleep(1.5)  # past the last scheduled re-check
+    c = harness.collector
+    assert not c._tentative and not c._pending_emit
+    assert len(c._rechecks) <= len(c.table) * 2
+    if isinstance(harness.source, PollingProcessSource):
+        assert len(harness.source._pidfds) <= len(c.table)
+    assert len(c.hasher._cache) < 50
 
 
 async def test_static_binary_in_an_app_directory_wakes_the_poller(tmp_path: Path) -> None:

@@ -63,7 +63,7 @@ class PollingProcessSource:
         collector: ProcessCollector,
         *,
         fast_interval: float = 0.002,
-        idle_interval: float = 0.025,
+        idle_interval: float = 0.05,
         burst: float = 0.5,
         sweep_interval: float = 2.0,
         max_wakeups_per_s: float = 1000.0,

@@ -37,7 +37,7 @@ class Settings(BaseSettings):
         "auto", description="Process event source; auto picks the best one the probe finds."
     )
     poll_fast_interval_ms: float = Field(2.0, gt=0.1, le=1000, description="Polling interval right after activity.")
-    poll_idle_interval_ms: float = Field(25.0, gt=0.1, le=10000, description="Polling interval when nothing happens.")
+    poll_idle_interval_ms: float = Field(50.0, gt=0.1, le=10000, description="Polling interval when nothing happens.")
     poll_sweep_interval_s: float = Field(2.0, gt=0, le=3600, description="Full /proc reconciliation period.")
     poll_inotify_wakeups: bool = Field(True, description="Wake on exec through inotify on binary and library dirs.")
     cpu_budget_pct: float | None = Field(

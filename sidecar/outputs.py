@@ -32,8 +32,9 @@ class JsonLinesOutput:
         self.dropped = 0
         self.errors = 0
         self._fd: int | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._wake = asyncio.Event()
+        # A flush is scheduled only when something is buffered: an idle sidecar
+        # has no timer of its own here (every wake-up is CPU of someone's task).
+        self._flush_handle: asyncio.TimerHandle | None = None
         if path == "-":
             self._fd = sys.stdout.fileno()
         else:
@@ -41,14 +42,7 @@ class JsonLinesOutput:
             self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
 
     def write(self, obj: Any) -> None:
-        if len(self._buf) >= self.max_queue:
-            self.dropped += 1
-            return
-        line = orjson.dumps(obj, default=_default) + b"\n"
-        self._buf.append(line)
-        self._size += len(line)
-        if self._size >= self.flush_bytes:
-            self._wake.set()
+        self.write_raw(orjson.dumps(obj, default=_default))
 
     def write_raw(self, line: bytes) -> None:
         """Write one already-serialized JSON object (without the newline)."""
@@ -58,21 +52,21 @@ class JsonLinesOutput:
         self._buf.append(line + b"\n")
         self._size += len(line) + 1
         if self._size >= self.flush_bytes:
-            self._wake.set()
+            self.flush()
+        elif self._flush_handle is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return  # no loop (synchronous use): flushed on close
+            self._flush_handle = loop.call_later(self.flush_interval, self.flush)
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"output:{self.path}")
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout=self.flush_interval)
-            except TimeoutError:
-                pass
-            self._wake.clear()
-            self.flush()
+        """Kept for symmetry with other outputs: this one needs no task of its own."""
 
     def flush(self) -> None:
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
         if not self._buf or self._fd is None:
             return
         data = b"".join(self._buf)
@@ -92,12 +86,6 @@ class JsonLinesOutput:
                 log.error("output write failed, lines dropped", extra={"path": self.path, "error": str(exc)})
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
         self.flush()
         if self._fd is not None and self.path != "-":
             os.close(self._fd)

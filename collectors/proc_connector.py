@@ -161,6 +161,7 @@ class ConnectorProcessSource:
         self._stopped = asyncio.Event()
         self._sock: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._last_overflow_sweep = 0.0
 
     async def run(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -197,8 +198,13 @@ class ConnectorProcessSource:
             except OSError as exc:
                 if exc.errno == errno.ENOBUFS:
                     # The kernel dropped events: our buffer overflowed in a burst.
+                    # Reconcile with a sweep, at most once a second (a storm
+                    # overflows again and again; sweeping each time would spin).
                     self.stats["enobufs"] += 1
-                    self.collector.sweep()
+                    now = time.monotonic()
+                    if now - self._last_overflow_sweep >= 1.0:
+                        self._last_overflow_sweep = now
+                        self.collector.sweep()
                     continue
                 log.warning("proc connector receive failed", extra={"error": str(exc)})
                 break

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -188,6 +189,44 @@ async def test_static_binary_in_an_app_directory_wakes_the_poller(tmp_path: Path
         seen = {e.process.command_line for e in events if e.kind == "process.exec" and e.process}
         assert {f"{exe} 4{i}" for i in range(5)} <= seen
     finally:
+        source.stop()
+        await asyncio.wait_for(task, 5)
+        collector.hasher.shutdown()
+
+
+async def test_connector_overflow_is_counted_and_reconciled() -> None:
+    """A receive buffer too small for a burst: the kernel drops events (ENOBUFS); we count and sweep."""
+    events: list[RuntimeEvent] = []
+    collector = ProcessCollector(events.append)
+    source = ConnectorProcessSource(collector, rcvbuf=4096)
+    task = asyncio.get_running_loop().create_task(source.run())
+    survivor: subprocess.Popen[bytes] | None = None
+    try:
+        await asyncio.sleep(0.3)
+
+        def burst() -> subprocess.Popen[bytes]:
+            for _ in range(30):
+                procs = [subprocess.Popen(["true"]) for _ in range(20)]
+                for p in procs:
+                    p.wait()
+            return subprocess.Popen(["sleep", "5"])
+
+        # keep the loop busy so the socket backs up while the burst runs
+        fut = asyncio.get_running_loop().run_in_executor(None, burst)
+        time.sleep(0.5)
+        survivor = await fut
+        deadline = asyncio.get_running_loop().time() + 10
+        while asyncio.get_running_loop().time() < deadline and (
+            source.stats["enobufs"] == 0 or survivor.pid not in collector.table
+        ):
+            await asyncio.sleep(0.1)
+        assert source.stats["enobufs"] > 0
+        # the sweep after the overflow (or the exec event) found the process that outlived the burst
+        assert survivor.pid in collector.table
+    finally:
+        if survivor is not None:
+            survivor.kill()
+            survivor.wait()
         source.stop()
         await asyncio.wait_for(task, 5)
         collector.hasher.shutdown()

@@ -26,6 +26,7 @@ from sidecar import __version__, ecs
 from sidecar.config import Settings
 from sidecar.outputs import JsonLinesOutput
 from sidecar.probe import choose_process_source, run_probe
+from sidecar.sources import NAMES, SourceSet
 
 log = logging.getLogger("sidecar")
 
@@ -51,6 +52,7 @@ class Sidecar:
         self.probe: dict[str, Any] = {}
         self.identity: ecs.TaskIdentity | None = None
         self.refresher: ecs.MetadataRefresher
+        self.aux: SourceSet | None = None
         self.events_seen = 0
         self._stop = asyncio.Event()
         self._started = time.monotonic()
@@ -60,6 +62,8 @@ class Sidecar:
         self.events_seen += 1
         if self.events_out is not None:
             self.events_out.write_raw(event.to_bytes())
+        if event.kind == "process.exec" and event.process is not None and self.aux is not None:
+            self.aux.on_process(event.process)
 
     # -- lifecycle ----------------------------------------------------------------
     def request_stop(self) -> None:
@@ -137,14 +141,28 @@ class Sidecar:
             hasher=ExeHasher(size_limit=s.hash_max_bytes),
             hash_executables=s.hash_executables,
         )
+        self.aux = SourceSet(self.on_event, self.collector.table)
+        self.aux.start(self._event_sources())
         stats_task = loop.create_task(self._stats_loop())
         try:
             await self._run_sources(candidates)
         finally:
             stats_task.cancel()
             self.refresher.close()
+            await self.aux.stop(STOP_TIMEOUT)
             await self._shutdown()
         return 0
+
+    def _event_sources(self) -> list[str]:
+        """The non-process sources to run: those asked for that the probe allows."""
+        s = self.settings.sources
+        wanted = NAMES if s == "auto" else () if s == "none" else tuple(s.split(","))
+        chosen = [n for n in wanted if self.probe["sources"].get(n, {}).get("available")]
+        for n in wanted:
+            if n not in chosen:
+                reason = self.probe["sources"].get(n, {}).get("reason", "unknown source")
+                log.warning("event source off", extra={"source": n, "reason": reason})
+        return chosen
 
     async def _run_sources(self, candidates: list[str]) -> None:
         if not candidates:
@@ -193,6 +211,8 @@ class Sidecar:
             out["processes"] = {**self.collector.stats, "live": len(self.collector.table)}
         if self.source is not None:
             out["source"] = {"name": self.source.name, **self.source.snapshot()}
+        if self.aux is not None:
+            out["eventSources"] = self.aux.snapshot()
         out["outputs"] = {o.path: o.snapshot() for o in self.outputs}
         return out
 

@@ -36,6 +36,12 @@ class Settings(BaseSettings):
     process_source: Literal["auto", "proc_connector", "proc_poll"] = Field(
         "auto", description="Process event source; auto picks the best one the probe finds."
     )
+    sources: str = Field(
+        "auto",
+        pattern=r"^(auto|none|((sock_diag|packet|file_watch|kernel_traces)(,(sock_diag|packet|file_watch|kernel_traces))*))$",
+        description="Event sources besides processes: auto (all the probe allows), none, or a comma list of "
+        "sock_diag, packet, file_watch, kernel_traces.",
+    )
     poll_fast_interval_ms: float = Field(2.0, gt=0.1, le=1000, description="Polling interval right after activity.")
     poll_idle_interval_ms: float = Field(50.0, gt=0.1, le=10000, description="Polling interval when nothing happens.")
     poll_sweep_interval_s: float = Field(2.0, gt=0, le=3600, description="Full /proc reconciliation period.")

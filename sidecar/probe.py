@@ -12,6 +12,7 @@ from typing import Any
 
 from collectors import capabilities, proc_connector, procfs
 from sidecar import __version__
+from sidecar.sources import NAMES, probe_all
 
 
 def _probe_proc_poll() -> dict[str, Any]:
@@ -77,6 +78,7 @@ def run_probe(connector_timeout: float = 1.0) -> dict[str, Any]:
     sources = {
         "proc_connector": proc_connector.probe(connector_timeout),
         "proc_poll": _probe_proc_poll(),
+        **probe_all(),
     }
     selected = choose_process_source(sources, "auto")
     return {
@@ -88,7 +90,7 @@ def run_probe(connector_timeout: float = 1.0) -> dict[str, Any]:
         "userNamespaceInitial": capabilities.in_initial_user_namespace(),
         "ecsMetadataUri": bool(os.environ.get("ECS_CONTAINER_METADATA_URI_V4")),
         "sources": sources,
-        "selected": {"process": selected},
+        "selected": {"process": selected, "events": [n for n in NAMES if sources[n].get("available")]},
     }
 
 

@@ -150,7 +150,7 @@ class RawProcess:
     exe_fd: int | None = None
 
 
-def _parse_stat(data: bytes) -> tuple[str, str, int, int]:
+def parse_stat(data: bytes) -> tuple[str, str, int, int]:
     """Return (comm, state, ppid, starttime) from /proc/pid/stat.
 
     comm may contain spaces and parentheses: split at the *last* ')'.
@@ -236,7 +236,7 @@ def _read_once(pid: int, dfd: int, want_exe_fd: bool, want_env: bool) -> RawProc
         if tgid != pid:
             raise NotAProcess(pid)
         try:
-            comm, state, ppid, start_ticks = _parse_stat(read_small("stat", dfd))
+            comm, state, ppid, start_ticks = parse_stat(read_small("stat", dfd))
         except OSError as exc:
             raise _classify(exc, "stat") from None
         uids = status.get(b"Uid", b"0 0 0 0").split()
@@ -324,7 +324,7 @@ def read_process(pid: int, *, want_exe_fd: bool = False, want_env: bool = True) 
 def read_start_ticks(pid: int) -> int:
     """Start time of a pid in clock ticks since boot (its identity with the pid)."""
     try:
-        return _parse_stat(read_small(f"{PROC}/{pid}/stat"))[3]
+        return parse_stat(read_small(f"{PROC}/{pid}/stat"))[3]
     except OSError as exc:
         raise _classify(exc, "stat") from None
 
@@ -349,7 +349,7 @@ def read_zombie(pid: int) -> tuple[str, int] | None:
         data = read_small(f"{PROC}/{pid}/stat")
     except OSError:
         return None
-    comm, state, _, _ = _parse_stat(data)
+    comm, state, _, _ = parse_stat(data)
     fields = data[data.rindex(b")") + 2 :].split()
     if len(fields) < 50 or state not in ("Z", "X"):
         return None

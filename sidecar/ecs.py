@@ -33,6 +33,7 @@ import aiohttp
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from collectors import procfs
+from collectors.capabilities import namespace_inode
 from collectors.events import ContainerRef
 
 log = logging.getLogger("sidecar.ecs")
@@ -562,10 +563,6 @@ def endpoint_id_from_environ(env: bytes) -> str | None:
     return text if _ENDPOINT_ID.fullmatch(text) else None
 
 
-def _start_ticks(stat: bytes) -> int:
-    return int(stat[stat.rindex(b")") + 2 :].split()[19])
-
-
 def _read_endpoint_id(pid: int, start_ticks: int) -> str | None:
     """Read the metadata variable of one process, None if absent, unreadable or the pid was reused."""
     try:
@@ -574,26 +571,13 @@ def _read_endpoint_id(pid: int, start_ticks: int) -> str | None:
         return None
     try:
         # The directory fd pins the process; the start time proves it is the one we were given.
-        if _start_ticks(procfs.read_small("stat", dfd)) != start_ticks:
+        if procfs.parse_stat(procfs.read_small("stat", dfd))[3] != start_ticks:
             return None
         return endpoint_id_from_environ(procfs.read_all("environ", dfd))
     except (OSError, ValueError, IndexError):
         return None
     finally:
         os.close(dfd)
-
-
-def _mnt_ns_of(path: str) -> int | None:
-    try:
-        link = os.readlink(path)
-    except OSError:
-        return None
-    if link.startswith("mnt:[") and link.endswith("]"):
-        try:
-            return int(link[5:-1])
-        except ValueError:
-            return None
-    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -662,10 +646,10 @@ class ContainerResolver:
         self.on_unknown = on_unknown
         self.report_interval = report_interval
         self.cache_size = max(1, cache_size)
-        self.self_mnt_ns = _mnt_ns_of("/proc/self/ns/mnt") if self_mnt_ns is None else self_mnt_ns
+        self.self_mnt_ns = namespace_inode("mnt") if self_mnt_ns is None else self_mnt_ns
         if host_mnt_ns is None:
             # Local mode: the sidecar's namespace, and init's for a sidecar in a container with pid=host.
-            host = {self.self_mnt_ns, _mnt_ns_of("/proc/1/ns/mnt")}
+            host = {self.self_mnt_ns, namespace_inode("mnt", 1)}
             host_mnt_ns = {ns for ns in host if ns is not None}
         self.host_mnt_ns = frozenset(host_mnt_ns)
         self.stats: Counter[str] = Counter()

@@ -64,7 +64,7 @@ class ProcessCollector:
     ) -> None:
         self.emit = emit
         self.resolve_container = resolve_container or (lambda raw: None)
-        self.table = table or ProcessTable()
+        self.table = table if table is not None else ProcessTable()  # an empty table is falsy
         self.hasher = hasher or ExeHasher()
         self.users = users or UserNames()
         self.hash_executables = hash_executables

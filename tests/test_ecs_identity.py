@@ -81,7 +81,7 @@ def child(env: dict[str, str] | None = None, *, own_mount_ns: bool = False) -> I
         assert proc.stdout is not None
         line = proc.stdout.readline().strip()
         if line != "ready":
-            pytest.skip("cannot create a mount namespace here (needs CAP_SYS_ADMIN)")
+            pytest.fail("cannot create a mount namespace here (the tests need root with CAP_SYS_ADMIN)")
         yield proc
     finally:
         proc.kill()

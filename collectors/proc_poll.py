@@ -51,6 +51,10 @@ WAKE_DIRS = (
 # More pids than this allocated between two looks: list /proc instead of
 # probing each pid (cheaper, and the right call in a fork storm).
 STORM_PIDS = 4096
+# Sweeps triggered by an exec wake-up that new pids do not explain: at most
+# one per this many seconds (a sweep of a task's few dozen processes costs
+# well under a millisecond).
+SWEEP_ON_WAKE_GAP = 0.1
 # Directories learnt from running executables, over all containers.
 MAX_EXTRA_DIRS = 1024
 
@@ -89,7 +93,8 @@ class PollingProcessSource:
         self._burst_until = 0.0
         self._last_tick = 0.0
         self._last_sweep = 0.0
-        self._last_exec_scan = 0.0
+        self._last_wake_sweep = 0.0
+        self._sweep_wanted = False
         self._timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopped = asyncio.Event()
@@ -186,6 +191,8 @@ class PollingProcessSource:
     def _schedule(self, now: float, soon: float | None = None) -> None:
         assert self._loop is not None
         delay = self._interval if soon is None else soon
+        if self._sweep_wanted:
+            delay = min(delay, max(self._last_wake_sweep + SWEEP_ON_WAKE_GAP - now, 0.0005))
         nxt = self.collector.next_recheck_in(now)
         if nxt is not None:
             delay = min(delay, max(nxt, 0.0005))
@@ -206,11 +213,19 @@ class PollingProcessSource:
             self.collector.recheck_young(now)
             if now - self._last_sweep >= self.sweep_interval:
                 self._sweep(now)
-            elif inotify and not new and now - self._last_exec_scan >= 0.1:
-                # Something opened a binary or a library but no pid was
-                # allocated: most likely an exec in place (``exec`` in a shell).
-                self._last_exec_scan = now
-                self._scan_exec_in_place()
+            else:
+                if inotify and not new:
+                    # Something opened a binary or a library but the last pid
+                    # did not move: an exec in place (``exec`` in a shell), or
+                    # new pids that brought the counter back to the value we
+                    # last read (a wrap, or ns_last_pid rewound). Only a sweep
+                    # tells; at most one per SWEEP_ON_WAKE_GAP.
+                    self._sweep_wanted = True
+                if self._sweep_wanted and now - self._last_wake_sweep >= SWEEP_ON_WAKE_GAP:
+                    self._sweep_wanted = False
+                    self._last_wake_sweep = now
+                    self.stats["wake_sweeps"] += 1
+                    self._sweep(now)
         except Exception:  # never let one bad read stop the source
             self.stats["tick_errors"] += 1
             log.exception("process polling tick failed")
@@ -263,12 +278,6 @@ class PollingProcessSource:
                     self._track_exit(info.pid, info.start_ticks)
                     self._watch_for(info)
         return found
-
-    def _scan_exec_in_place(self) -> None:
-        self.stats["exec_scans"] += 1
-        for info in self.collector.table.live():
-            if self.collector._changed(info):
-                self.collector.capture(info.pid)
 
     def _sweep(self, now: float) -> tuple[int, int]:
         self._last_sweep = now

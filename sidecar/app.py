@@ -142,7 +142,13 @@ class Sidecar:
             hash_executables=s.hash_executables,
         )
         self.aux = SourceSet(self.on_event, self.collector.table)
-        self.aux.start(self._event_sources())
+        # Sources that meet a process the table does not know yet (a tracer, a
+        # file's writer) read it through the process collector, so it gets its
+        # uuid, container and exec event like any other.
+        capture = self.collector.capture
+        self.aux.start(
+            self._event_sources(), {"kernel_traces": {"lookup": capture}, "file_watch": {"capture": capture}}
+        )
         stats_task = loop.create_task(self._stats_loop())
         try:
             await self._run_sources(candidates)

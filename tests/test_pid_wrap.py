@@ -52,7 +52,7 @@ def test_every_process_across_a_pid_wrap_is_seen(tmp_path: Path) -> None:
     )
     assert r.returncode == 0, r.stderr + log.read_text()
     assert "sidecar-exit=0" in r.stdout
-    evs = [orjson.loads(line) for line in events.read_bytes().splitlines()]
+    evs = [e for e in map(orjson.loads, events.read_bytes().splitlines()) if e["kind"].startswith("process.")]
     execs = [e for e in evs if e["kind"] == "process.exec"]
     by_marker: dict[str, dict[str, Any]] = {}
     for e in execs:
@@ -68,6 +68,10 @@ def test_every_process_across_a_pid_wrap_is_seen(tmp_path: Path) -> None:
     # each wrapped shell's child sleep has that shell as parent (lineage across the wrap)
     sleeps = {e["process"]["parentUuid"] for e in execs if e["process"]["commandLine"] == "sleep 0.05"}
     assert {p["uuid"] for p in by_marker.values() if p["commandLine"].endswith("wrap-1")} <= sleeps | {None}
+    near = [
+        (e["kind"], e["process"]["pid"], e["process"]["commandLine"]) for e in evs if 995 < e["process"]["pid"] < 1005
+    ]
+    assert "reuse-a" in by_marker and "reuse-b" in by_marker, (near, log.read_text()[-1500:])
     a, b = by_marker["reuse-a"], by_marker["reuse-b"]
     assert a["pid"] == b["pid"] == 1000
     assert a["uuid"] != b["uuid"]

@@ -347,11 +347,6 @@ def test_sidecar_handle_reads_growing_files(task_env: TaskEnv) -> None:
         handle.findings()
 
 
-def _real_sidecar_available() -> bool:
-    probe = subprocess.run([SIDECAR_PYTHON, "-m", "sidecar", "--help"], capture_output=True, check=False, timeout=60)
-    return probe.returncode == 0 and b" run" in probe.stdout
-
-
 @pytest.mark.parametrize(
     ("fixture", "mask"),
     [("task_env", FARGATE_SIDECAR_MASK), ("task_env_no_netraw", FARGATE_SIDECAR_NO_NETRAW_MASK)],
@@ -361,8 +356,6 @@ def test_real_sidecar_sees_a_container_process(
     fixture: str, mask: int, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
     """The fixture's purpose, end to end, with the real sidecar binary."""
-    if not _real_sidecar_available():
-        pytest.skip("`python -m sidecar run` is not available yet")
     task: TaskEnv = request.getfixturevalue(fixture)
     events = tmp_path / "events.jsonl"
     sidecar = task.start_sidecar(["run", "--events-out", str(events)])

@@ -1,9 +1,16 @@
-"""`python -m bench [process] [--quick]`: run benchmarks, print figures (markdown) and save JSON."""
+"""`python -m bench [process|packets|sockets] [--quick]`: run benchmarks, print figures (markdown).
+
+`process` also saves its JSON under bench/results/. The others are their own
+modules (`python -m bench.packets`, `python -m bench.sockets`), run from here
+with the same flag.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import runpy
+import sys
 import time
 from pathlib import Path
 
@@ -12,9 +19,13 @@ from bench import process_capture
 
 def main() -> None:
     p = argparse.ArgumentParser(prog="python -m bench")
-    p.add_argument("suite", nargs="?", default="process", choices=["process"])
-    p.add_argument("--quick", action="store_true", help="fewer samples, shorter idle window")
+    p.add_argument("suite", nargs="?", default="process", choices=["process", "packets", "sockets"])
+    p.add_argument("--quick", action="store_true", help="fewer samples, shorter windows")
     args = p.parse_args()
+    if args.suite != "process":
+        sys.argv = [f"bench.{args.suite}", *(["--quick"] if args.quick else [])]
+        runpy.run_module(f"bench.{args.suite}", run_name="__main__")
+        return
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     results = process_capture.run(quick=args.quick)
     out = Path("bench/results")

@@ -550,6 +550,7 @@ class SockDiagCollector:
         table: ProcessTable,
         *,
         interval: float = 0.2,
+        idle_interval: float = 1.0,
         docker_socket_paths: Iterable[str] = DEFAULT_DOCKER_SOCKETS,
         destroy_events: bool = True,
         max_sockets: int = 131072,
@@ -567,6 +568,14 @@ class SockDiagCollector:
         self.emit = emit
         self.table = table
         self.interval = interval
+        # Polls slow down to idle_interval after a quiet spell (each dump of the
+        # namespace costs about a millisecond); a new process brings the fast
+        # interval back at once, and destroy messages report closes meanwhile.
+        self.idle_interval = max(idle_interval, interval)
+        self._current_interval = interval
+        self._quiet_polls = 0
+        self._nap_future: asyncio.Future[None] | None = None
+        self._nap_until = 0.0
         self.docker_socket_paths = frozenset(docker_socket_paths)
         self.destroy_events = destroy_events
         self.max_sockets = max_sockets
@@ -625,16 +634,50 @@ class SockDiagCollector:
             self._open_destroy_listener()
         try:
             while not self._stopped.is_set():
+                seen = self.stats["sockets_seen"]
                 self.poll_once()
-                try:
-                    await asyncio.wait_for(self._stopped.wait(), self.interval)
-                except TimeoutError:
-                    pass
+                self._adapt(self.stats["sockets_seen"] != seen or bool(self._pending) or bool(self._stdio_soon))
+                await self._nap(self._current_interval)
         finally:
             self.close()
 
+    def _adapt(self, busy: bool) -> None:
+        if busy:
+            self._quiet_polls = 0
+            self._current_interval = self.interval
+            return
+        self._quiet_polls += 1
+        if self._quiet_polls * self.interval >= 2.0:
+            self._current_interval = min(self._current_interval * 2, max(self.idle_interval, self.interval))
+        self._current_interval = max(self._current_interval, self.interval)  # interval may be changed at run time
+
+    async def _nap(self, seconds: float) -> None:
+        # A future and a timer rather than wait_for(): wait_for makes a task per
+        # call, which costs more than the poll itself on an idle task.
+        assert self._loop is not None
+        fut: asyncio.Future[None] = self._loop.create_future()
+        self._nap_future = fut
+        self._nap_until = self._loop.time() + seconds
+        handle = self._loop.call_later(seconds, _resolve, fut)
+        try:
+            await fut
+        finally:
+            handle.cancel()
+            self._nap_future = None
+
+    def _hurry(self) -> None:
+        """Back to the fast interval, and poll within it: a new process's sockets and stdio matter now."""
+        self._quiet_polls = 0
+        self._current_interval = self.interval
+        fut, loop = self._nap_future, self._loop
+        if fut is not None and loop is not None and not fut.done() and self._nap_until - loop.time() > self.interval:
+            self._nap_until = loop.time() + self.interval
+            loop.call_later(self.interval, _resolve, fut)
+
     def stop(self) -> None:
         self._stopped.set()
+        if self._nap_future is not None:
+            _resolve(self._nap_future)
 
     def close(self) -> None:
         if self._destroy_sock is not None:
@@ -1253,6 +1296,7 @@ class SockDiagCollector:
     def on_process(self, info: ProcessInfo) -> None:
         """A new process image (the sidecar calls this on each process.exec): look at its stdio on the next poll."""
         self._stdio_soon.add(info.pid)
+        self._hurry()
 
     def _check_stdio(self, mono: float) -> None:
         # Walking the whole table costs ~0.5 us a process: done every
@@ -1364,7 +1408,7 @@ class SockDiagCollector:
     def snapshot(self) -> dict[str, Any]:
         polls = self.stats.get("polls", 0)
         return {
-            "interval_ms": round(self.interval * 1000, 1),
+            "interval_ms": round(self._current_interval * 1000, 1),
             "sockets_tracked": len(self._socks),
             "unix_sockets_tracked": len(self._unix),
             "listening_ports": len(self._listen_ports),
@@ -1532,3 +1576,8 @@ def probe() -> dict[str, Any]:
         out["degraded"] = True
         out["reason"] += f"; failing: {', '.join(failed)}"
     return out
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)

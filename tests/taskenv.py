@@ -641,7 +641,11 @@ class TaskEnv:
                         continue
                     return dict(message)
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+            # poll(), not select(): select() fails outright for fds >= 1024, which a test process holding
+            # many pidfds (the polling source's) reaches.
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+            if remaining <= 0 or not poller.poll(remaining * 1000):
                 raise TaskEnvError(f"task-init not ready after {timeout}s\n{self._init_log()}")
             chunk = os.read(fd, 65536)
             if not chunk:

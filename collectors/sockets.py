@@ -67,7 +67,7 @@ import socket
 import struct
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -273,28 +273,9 @@ class SockDiag:
             )
         try:
             seq = self._send(request)
-            out: list[InetRow] = []
             buf = self._buf
-            hdr = _NLHDR.unpack_from
             msg = _INET_MSG.unpack_from
-            while True:
-                n = self._recv()
-                off = 0
-                while off + 16 <= n:
-                    length, mtype, flags, mseq, _ = hdr(buf, off)
-                    if length < 16 or off + length > n:
-                        raise SockDiagError(errno.EBADMSG, "malformed netlink message")
-                    if mseq == seq:
-                        if flags & NLM_F_DUMP_INTR:
-                            self.interrupted += 1
-                        if mtype == reply and length >= 16 + _INET_MSG.size:
-                            out.append(msg(buf, off + 16))
-                        elif mtype == NLMSG_DONE:
-                            self._check_done(buf, off, length)
-                            return out
-                        elif mtype == NLMSG_ERROR:
-                            self._raise_error(buf, off, length)
-                    off += (length + 3) & ~3
+            return [msg(buf, off + 16) for off, _ in self._replies(seq, reply, 16 + _INET_MSG.size)]
         except BaseException:
             self._reset()
             raise
@@ -308,33 +289,43 @@ class SockDiag:
             known = known or {}
             out: list[UnixRow] = []
             buf = self._buf
-            hdr = _NLHDR.unpack_from
             msg = _UNIX_MSG.unpack_from
-            while True:
-                n = self._recv()
-                off = 0
-                while off + 16 <= n:
-                    length, mtype, flags, mseq, _ = hdr(buf, off)
-                    if length < 16 or off + length > n:
-                        raise SockDiagError(errno.EBADMSG, "malformed netlink message")
-                    if mseq == seq:
-                        if flags & NLM_F_DUMP_INTR:
-                            self.interrupted += 1
-                        if mtype == SOCK_DIAG_BY_FAMILY and length >= 32:
-                            _, stype, state, ino, _cookie = msg(buf, off + 16)
-                            if ino in known:
-                                out.append((ino, stype, state, None, None, None))
-                            else:
-                                out.append((ino, stype, state, *_unix_attrs(buf, off + 32, off + length)))
-                        elif mtype == NLMSG_DONE:
-                            self._check_done(buf, off, length)
-                            return out
-                        elif mtype == NLMSG_ERROR:
-                            self._raise_error(buf, off, length)
-                    off += (length + 3) & ~3
+            for off, length in self._replies(seq, SOCK_DIAG_BY_FAMILY, 32):
+                _, stype, state, ino, _cookie = msg(buf, off + 16)
+                if ino in known:
+                    out.append((ino, stype, state, None, None, None))
+                else:
+                    out.append((ino, stype, state, *_unix_attrs(buf, off + 32, off + length)))
+            return out
         except BaseException:
             self._reset()
             raise
+
+    def _replies(self, seq: int, reply: int, min_len: int) -> Iterator[tuple[int, int]]:
+        """(offset, length) in the receive buffer of each reply of dump ``seq``, until NLMSG_DONE.
+
+        Each is valid until the next one is asked for (the buffer is reused).
+        """
+        buf = self._buf
+        hdr = _NLHDR.unpack_from
+        while True:
+            n = self._recv()
+            off = 0
+            while off + 16 <= n:
+                length, mtype, flags, mseq, _ = hdr(buf, off)
+                if length < 16 or off + length > n:
+                    raise SockDiagError(errno.EBADMSG, "malformed netlink message")
+                if mseq == seq:
+                    if flags & NLM_F_DUMP_INTR:
+                        self.interrupted += 1
+                    if mtype == reply and length >= min_len:
+                        yield off, length
+                    elif mtype == NLMSG_DONE:
+                        self._check_done(buf, off, length)
+                        return
+                    elif mtype == NLMSG_ERROR:
+                        self._raise_error(buf, off, length)
+                off += (length + 3) & ~3
 
     @staticmethod
     def _check_done(buf: bytearray, off: int, length: int) -> None:

@@ -15,6 +15,7 @@ proc.ptrace        tracerPid, tracee, traceMe, tracer (the tracer's process JSON
 proc.fileless      exePath, memfd, deleted
 proc.mem_write     targetPid, target, fd, path, flags, accessMode
 proc.userfaultfd   fd
+proc.runc_write    fd, path, accessMode (a file named runc, runc.* or docker-runc open for writing)
 proc.library       libraryPath, reason (ld_preload | new_file | deleted_file | memfd),
                    ldPreloadValue, newFile, fileTime
 proc.uid_change    oldUid, oldEuid, newUid, newEuid, setuidExe, inferred
@@ -415,6 +416,8 @@ class _NsState:
 
 _MEM_LINK_RE = re.compile(r"^(?:.*)/(\d+)/(?:task/(\d+)/)?mem$")
 _LD_PRELOAD_SPLIT = re.compile(r"[:\s]+")
+# runc's binary by file name: runc, runc.amd64 (release assets), docker-runc (Docker before 18.09)
+_RUNC_NAME_RE = re.compile(r"^(?:docker-)?runc(?:\..+)?$")
 O_ACCMODE = 3
 ACCESS_MODES = {os.O_WRONLY: "O_WRONLY", os.O_RDWR: "O_RDWR"}
 
@@ -827,6 +830,8 @@ class KernelTraceCollector:
                     self._check_mem_fd(info, dfd, name, link, report)
                 elif link == "anon_inode:[userfaultfd]":
                     report("userfaultfd", "proc.userfaultfd", {"fd": int(name)})
+                elif "runc" in link:
+                    self._check_runc_fd(dfd, name, link, report)
         finally:
             os.close(fdd)
 
@@ -861,6 +866,23 @@ class KernelTraceCollector:
                 "accessMode": ACCESS_MODES[access],
             },
         )
+
+    @staticmethod
+    def _check_runc_fd(dfd: int, name: str, link: str, report: _Report) -> None:
+        """CVE-2019-5736: the runc binary (through its path or /proc/<runc pid>/exe) opened for writing."""
+        path = procfs.split_deleted(link)[0]
+        if not path.startswith("/") or _RUNC_NAME_RE.match(os.path.basename(path)) is None:
+            return
+        try:
+            flags, _ = parse_fdinfo(procfs.read_small(f"fdinfo/{name}", dfd))
+        except OSError as exc:
+            if exc.errno == errno.ESRCH:
+                raise procfs.ProcessGone("fdinfo") from None
+            return
+        access = flags & O_ACCMODE
+        if access not in ACCESS_MODES:
+            return  # reading runc (a scanner, a copy) changes nothing
+        report(f"runc:{path}", "proc.runc_write", {"fd": int(name), "path": path, "accessMode": ACCESS_MODES[access]})
 
     @staticmethod
     def _mount_fs_type(dfd: int, mnt_id: int) -> str | None:

@@ -1,7 +1,383 @@
-"""Detectors of this family: see registry.FAMILIES (being written)."""
+"""*/Runtime/SuspiciousCommand: command lines of each tactic (patterns: data/commands.toml).
+
+Two kinds of pattern, both matched on ``process.exec``:
+
+* ``shell`` patterns search the whole command line of a shell, an
+  interpreter or a command wrapper (``sh -c "curl x | sh"``, ``python -c
+  "exec(base64.b64decode(...))"``, ``sudo sh -c "echo k >> ~/.ssh/..."``):
+  pipes, redirections and builtins exist only there. Other programs are
+  never searched this way, so ``grep "curl.*| sh" notes`` is not a finding.
+* ``program`` patterns look at one program's own arguments (``chmod 4755
+  x``, ``crontab /tmp/c``, ``aws sts get-caller-identity``), so a program
+  named in someone else's arguments (``apt-cache show iptables``) is not.
+
+When a shell's ``-c`` text matched a pattern, the program that shell starts
+for it (its child, or its own pid after an exec in place) is not reported
+again under the same pattern: one command, one finding.
+
+Pipelines typed at a prompt (``curl url | sh``) leave no process holding
+the line: the prompt's shell forks a downloader (or a decoder: ``base64
+-d``) and a shell or interpreter reading its stdin as siblings. They are
+recognised here from the exec stream: both children of one shell, started
+within ``window_seconds`` of each other, the downloader writing to stdout.
+When both are still alive, ``/proc/<pid>/fd`` settles it: the reader's fd 0
+must be the very pipe that is the downloader's fd 1 (see :func:`_fd_link`).
+``bash -c "$(curl url)"`` typed at a prompt is not seen: the outer shell
+substitutes the download before starting bash, whose argv holds the script.
+
+Benign by construction: ``curl -f http://localhost/health``, ``wget -q -O-
+url > file`` (no shell reads it), ``base64`` encoding, ``chmod +x`` on a
+build artifact (no download before it), ``crontab -l``, ``sh -c``
+entrypoints, ``chmod 2775`` on shared directories, jemalloc in LD_PRELOAD.
+"""
 
 from __future__ import annotations
 
-from detectors.base import Detector
+import functools
+import os
+import re
+import time
+import tomllib
+from collections import OrderedDict, deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
 
-DETECTORS: tuple[type[Detector], ...] = ()
+from collectors import procfs
+from collectors.events import ProcessInfo, RuntimeEvent
+from detectors import catalog
+from detectors.base import Detection, Detector, DetectorContext
+from detectors.tools import (
+    CatalogError,
+    Program,
+    compile_regexes,
+    example,
+    is_interpreter,
+    is_shell,
+    program_of,
+    shell_mode,
+)
+
+TYPES = (
+    "Execution:Runtime/SuspiciousCommand",
+    "Discovery:Runtime/SuspiciousCommand",
+    "Persistence:Runtime/SuspiciousCommand",
+    "PrivilegeEscalation:Runtime/SuspiciousCommand",
+    "DefenseEvasion:Runtime/SuspiciousCommand",
+)
+# programs that run a command line given to them: their arguments are searched like a shell's -c text
+WRAPPERS = frozenset(
+    {"sudo", "su", "doas", "runuser", "env", "nohup", "setsid", "timeout", "xargs", "watch", "script", "nice",
+     "ionice", "stdbuf", "flock", "chroot", "nsenter", "busybox", "unbuffer", "sg", "ssh"}
+)  # fmt: skip
+PARENTS = frozenset({"shell", "noninteractive"})
+_PATTERN_KEYS = {"name", "type", "level", "mitre", "tactic", "shell", "program", "args", "require", "exclude", "parent"}
+_PIPELINE_KEYS = {"downloaders", "decoders", "stdin_programs", "window_seconds"}
+PIPE_PATTERNS = {"download": "download_pipe_to_shell", "decode": "decode_pipe_to_shell"}
+
+
+@dataclass(frozen=True, slots=True)
+class CommandPattern:
+    name: str
+    type: str
+    level: str | None
+    mitre: str
+    tactic: str
+    shell: tuple[re.Pattern[str], ...]
+    programs: frozenset[str]
+    args: tuple[re.Pattern[str], ...]
+    require: tuple[re.Pattern[str], ...]
+    exclude: tuple[re.Pattern[str], ...]
+    parent: str | None
+
+    def accepts(self, text: str) -> bool:
+        return all(r.search(text) for r in self.require) and not any(r.search(text) for r in self.exclude)
+
+
+@dataclass(frozen=True, slots=True)
+class Pipeline:
+    downloaders: frozenset[str]
+    decoders: frozenset[str]
+    stdin_programs: frozenset[str]
+    window: float
+
+
+@dataclass(frozen=True, slots=True)
+class CommandCatalog:
+    patterns: tuple[CommandPattern, ...]
+    by_name: dict[str, CommandPattern]
+    shell_patterns: tuple[CommandPattern, ...]
+    by_program: dict[str, tuple[CommandPattern, ...]]
+    pipeline: Pipeline
+
+
+def _check_pattern(entry: dict[str, Any], where: str, types: dict[str, catalog.FindingType]) -> CommandPattern:
+    missing = {"name", "type", "mitre", "tactic"} - entry.keys()
+    if missing:
+        raise CatalogError(f"{where}: missing {', '.join(sorted(missing))}")
+    unknown = entry.keys() - _PATTERN_KEYS
+    if unknown:
+        raise CatalogError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
+    ftype = entry["type"]
+    if ftype not in TYPES:
+        raise CatalogError(f"{where}: type {ftype!r} is not one of {', '.join(TYPES)}")
+    levels = types[ftype].levels if ftype in types else {}
+    level = entry.get("level")
+    if levels and level not in levels:
+        raise CatalogError(f"{where}: {ftype} needs a level, one of {', '.join(sorted(levels))} (got {level!r})")
+    if not levels and level is not None:
+        raise CatalogError(f"{where}: {ftype} has one severity; remove level {level!r}")
+    if not re.match(r"^T\d{4}(?:\.\d{3})?$", str(entry["mitre"])):
+        raise CatalogError(f"{where}: mitre {entry['mitre']!r} is not an ATT&CK technique id (T1234 or T1234.001)")
+    programs = entry.get("program")
+    if programs is not None and (not isinstance(programs, list) or not all(isinstance(p, str) for p in programs)):
+        raise CatalogError(f"{where}: program must be a list of program names")
+    shell = compile_regexes(entry.get("shell"), where, "shell")
+    args = compile_regexes(entry.get("args"), where, "args")
+    if not shell and not programs:
+        raise CatalogError(f"{where}: needs shell regexes, program names or both")
+    if args and not programs:
+        raise CatalogError(f"{where}: args given without program")
+    parent = entry.get("parent")
+    if parent is not None and parent not in PARENTS:
+        raise CatalogError(f"{where}: parent {parent!r} is not one of {', '.join(sorted(PARENTS))}")
+    return CommandPattern(
+        name=str(entry["name"]),
+        type=ftype,
+        level=level,
+        mitre=str(entry["mitre"]),
+        tactic=str(entry["tactic"]),
+        shell=shell,
+        programs=frozenset(p.lower() for p in programs or ()),
+        args=args,
+        require=compile_regexes(entry.get("require"), where, "require"),
+        exclude=compile_regexes(entry.get("exclude"), where, "exclude"),
+        parent=parent,
+    )
+
+
+def parse_commands(text: str, source: str = "commands.toml") -> CommandCatalog:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise CatalogError(f"{source}: not valid TOML: {exc}") from None
+    unknown_top = data.keys() - {"pattern", "pipeline"}
+    if unknown_top:
+        raise CatalogError(f"{source}: unknown table(s) {', '.join(sorted(unknown_top))}")
+    types = catalog.catalog()
+    patterns: list[CommandPattern] = []
+    by_name: dict[str, CommandPattern] = {}
+    for i, entry in enumerate(data.get("pattern", [])):
+        pat = _check_pattern(entry, f"{source} pattern #{i + 1} ({entry.get('name', '?')})", types)
+        if pat.name in by_name:
+            raise CatalogError(f"{source} pattern #{i + 1}: name {pat.name!r} is used twice")
+        by_name[pat.name] = pat
+        patterns.append(pat)
+    pipe = data.get("pipeline", {})
+    where = f"{source} [pipeline]"
+    unknown = pipe.keys() - _PIPELINE_KEYS
+    if unknown:
+        raise CatalogError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
+    lists: dict[str, frozenset[str]] = {}
+    for key in ("downloaders", "decoders", "stdin_programs"):
+        value = pipe.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise CatalogError(f"{where}: {key} must be a list of program names")
+        lists[key] = frozenset(v.lower() for v in value)
+    window = pipe.get("window_seconds", 2.0)
+    if not isinstance(window, int | float) or not 0 < window <= 30:
+        raise CatalogError(f"{where}: window_seconds must be a number in (0, 30], got {window!r}")
+    for name in PIPE_PATTERNS.values():
+        if name not in by_name:
+            raise CatalogError(f"{source}: the pipeline needs a pattern named {name!r} (its type and level)")
+    by_program: dict[str, list[CommandPattern]] = {}
+    for pat in patterns:
+        for prog in pat.programs:
+            by_program.setdefault(prog, []).append(pat)
+    return CommandCatalog(
+        patterns=tuple(patterns),
+        by_name=by_name,
+        shell_patterns=tuple(p for p in patterns if p.shell),
+        by_program={k: tuple(v) for k, v in by_program.items()},
+        pipeline=Pipeline(lists["downloaders"], lists["decoders"], lists["stdin_programs"], float(window)),
+    )
+
+
+@functools.cache
+def command_catalog() -> CommandCatalog:
+    text = resources.files("detectors").joinpath("data/commands.toml").read_text(encoding="utf-8")
+    return parse_commands(text, "detectors/data/commands.toml")
+
+
+# -- /proc: is the reader's stdin the downloader's stdout? ------------------------------------------------------
+
+
+def _fd_link(info: ProcessInfo, fd: int) -> str | None:
+    """readlink /proc/<pid>/fd/<fd> if <pid> is still this process (same start ticks), else None.
+
+    Follows collectors.procfs: the process may be gone or reused at any moment, so every failure is "unknown".
+    """
+    try:
+        if procfs.read_start_ticks(info.pid) != info.start_ticks:
+            return None
+        return os.readlink(f"{procfs.PROC}/{info.pid}/fd/{fd}")
+    except (OSError, procfs.ProcfsError, ValueError):
+        return None
+
+
+def _writes_stdout(prog: Program) -> bool:
+    """A downloader's output goes to stdout (curl's default; wget only with -O -)."""
+    names, args = prog.names, prog.args
+    if "wget" in names:
+        return bool(re.search(r"(?:^|\s)(?:-\w*O\s*-|--output-document[=\s]-)(?:\s|$)|-O\s*/dev/stdout", args))
+    return not re.search(r"(?:^|\s)(?:-\w*o\s*(?!-(?:\s|$))\S|-\w*O\b|--output[=\s](?!-)|--remote-name)", args)
+
+
+def _reads_program_from_stdin(info: ProcessInfo) -> bool:
+    if is_shell(info):
+        return shell_mode(info) == "stdin"
+    if is_interpreter(info):
+        args = (info.command_line or "").split()[1:]
+        return not args or args == ["-"]
+    return False
+
+
+@dataclass(slots=True)
+class _Sibling:
+    info: ProcessInfo
+    role: str  # download | decode | reader
+    time: float
+
+
+class SuspiciousCommandDetector(Detector):
+    name = "suspicious_command"
+    types = TYPES
+    kinds = ("process.exec",)
+
+    def __init__(self, ctx: DetectorContext, commands: CommandCatalog | None = None) -> None:
+        super().__init__(ctx)
+        self.catalog = commands or command_catalog()
+        # shell-text hits: process uuid -> pattern names; pid -> uuid of its image that hit (exec in place)
+        self._shell_hits: OrderedDict[str, set[str]] = OrderedDict()
+        self._hit_pids: OrderedDict[int, str] = OrderedDict()
+        # recent pipeline candidates by parent uuid
+        self._siblings: OrderedDict[str, deque[_Sibling]] = OrderedDict()
+        self.pipelines = 0
+        self.pipe_mismatch = 0
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"pipelines": self.pipelines, "pipeMismatch": self.pipe_mismatch}
+
+    def on_event(self, event: RuntimeEvent) -> Iterable[Detection]:
+        p = event.process
+        if p is None or not p.command_line:
+            return ()
+        prog = program_of(p)
+        out: list[Detection] = []
+        shellish = is_shell(p) or is_interpreter(p) or bool(prog.names & WRAPPERS)
+        hits: set[str] = set()
+        if shellish:
+            cl = p.command_line
+            for pat in self.catalog.shell_patterns:
+                if any(r.search(cl) for r in pat.shell) and pat.accepts(cl) and self._parent_ok(p, pat):
+                    hits.add(pat.name)
+                    out.append(self._detection(pat, p, event.time, example(p)))
+            if hits:
+                self._remember_hits(p, hits)
+        seen: set[str] = set()
+        for name in prog.names:
+            for pat in self.catalog.by_program.get(name, ()):
+                if pat.name in hits or pat.name in seen:
+                    continue
+                seen.add(pat.name)
+                if pat.args and not any(r.search(prog.args) for r in pat.args):
+                    continue
+                if not pat.accepts(prog.args) or not self._parent_ok(p, pat) or self._covered(p, pat.name):
+                    continue
+                out.append(self._detection(pat, p, event.time, example(p)))
+        out.extend(self._pipeline(p, prog, event.time))
+        return out
+
+    # -- helpers ------------------------------------------------------------------------------------------------
+    def _detection(self, pat: CommandPattern, p: ProcessInfo, when: float, cmd: str) -> Detection:
+        return Detection(
+            pat.type,
+            p,
+            context={"commandLineExample": cmd, "patternName": pat.name, "mitreTechniqueId": pat.mitre},
+            key=(pat.name,),
+            level=pat.level,
+            facts={"pattern": pat.name.replace("_", " "), "tactic": pat.tactic},
+            time=when,
+        )
+
+    def _parent_ok(self, p: ProcessInfo, pat: CommandPattern) -> bool:
+        if pat.parent is None:
+            return True
+        parent = self.ctx.parent(p)
+        if pat.parent == "shell":
+            return parent is None or is_shell(parent)
+        # noninteractive: a prompt's shell reads its stdin; a script or -c shell (or no shell) does not
+        return parent is None or not (is_shell(parent) and shell_mode(parent) == "stdin")
+
+    def _remember_hits(self, p: ProcessInfo, hits: set[str]) -> None:
+        self._shell_hits[p.uuid] = hits
+        self._hit_pids[p.pid] = p.uuid
+        for d in (self._shell_hits, self._hit_pids):
+            while len(d) > 2048:
+                d.popitem(last=False)
+
+    def _covered(self, p: ProcessInfo, name: str) -> bool:
+        """Already reported on the shell whose -c text ran this program (its parent, or this pid before exec)."""
+        if p.parent_uuid and name in self._shell_hits.get(p.parent_uuid, ()):
+            return True
+        prev = self._hit_pids.get(p.pid)
+        return prev is not None and prev != p.uuid and name in self._shell_hits.get(prev, ())
+
+    def _pipeline(self, p: ProcessInfo, prog: Program, now: float) -> list[Detection]:
+        pipe = self.catalog.pipeline
+        role: str | None = None
+        if prog.names & pipe.downloaders and _writes_stdout(prog):
+            role = "download"
+        elif prog.names & pipe.decoders:
+            role = "decode"
+        elif prog.names & pipe.stdin_programs and _reads_program_from_stdin(p):
+            role = "reader"
+        if role is None or not p.parent_uuid:
+            return []
+        when = p.start_time if p.start_time > 0 else now
+        group = self._siblings.get(p.parent_uuid)
+        if group is None:
+            group = self._siblings[p.parent_uuid] = deque(maxlen=8)
+            while len(self._siblings) > 512:
+                self._siblings.popitem(last=False)
+        else:
+            self._siblings.move_to_end(p.parent_uuid)
+        out: list[Detection] = []
+        for sib in group:
+            if abs(sib.time - when) > pipe.window or sib.info.pid == p.pid:
+                continue
+            if role == "reader" and sib.role != "reader":
+                out.extend(self._pipe_hit(sib.info, sib.role, p))
+            elif role != "reader" and sib.role == "reader":
+                out.extend(self._pipe_hit(p, role, sib.info))
+        group.append(_Sibling(p, role, when))
+        return out[:1]
+
+    def _pipe_hit(self, source: ProcessInfo, role: str, reader: ProcessInfo) -> list[Detection]:
+        pat = self.catalog.by_name[PIPE_PATTERNS[role]]
+        parent = self.ctx.parent(reader)
+        if parent is not None and not is_shell(parent):
+            return []  # a program wiring two children together is not a typed pipeline
+        if reader.parent_uuid and pat.name in self._shell_hits.get(reader.parent_uuid, ()):
+            return []  # `sh -c "curl x | sh"`: reported on that shell
+        out_link, in_link = _fd_link(source, 1), _fd_link(reader, 0)
+        if out_link is not None and in_link is not None and out_link != in_link:
+            self.pipe_mismatch += 1
+            return []
+        self.pipelines += 1
+        cmd = f"{source.command_line or source.name} | {reader.command_line or reader.name}"
+        return [self._detection(pat, reader, time.time() if reader.start_time <= 0 else reader.start_time, cmd)]
+
+
+DETECTORS = (SuspiciousCommandDetector,)

@@ -18,11 +18,15 @@ DefenseEvasion:Runtime/...                 log: truncated, deleted, renamed or l
 Not findings (besides reading, which the file source never reports, and ssh clients writing known_hosts,
 which it ignores):
 
+* an ``.ssh`` directory created, deleted or chmodded (ssh makes ``~/.ssh`` to write known_hosts; a key put in
+  it is an event of its own; a whole directory moved into place is still a rename, and a finding).
 * log rotation. By ``logrotate`` (the process, or its parent, runs ``logrotate`` from a system binary
   directory: a payload named logrotate in /tmp does not count): renames, deletions and copytruncate are its
   job. By the application itself (Python's RotatingFileHandler, logback, ...): a log renamed to a rotated
   name of itself in the same directory (``app.log`` -> ``app.log.1``, ``app.log-20250101``) and the deletion
-  or truncation of a rotated copy (``app.log.5``, ``app.log.2.gz``) are housekeeping. Deleting, moving
+  or truncation of a rotated copy (``app.log.5``, ``app.log.2.gz``) are housekeeping, and so is the new log
+  written at the rotated path within a minute (the file source remembers sizes by path, so the new, small file
+  reads as a truncation of the old one). Deleting, moving
   elsewhere or truncating the live log is still a finding.
 
 Context: ``filePath``, ``fileOperation``, ``modifyingProcess`` (GuardDuty's; the writer's process details,
@@ -35,7 +39,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Iterable
 from typing import Any
 
@@ -65,6 +69,8 @@ TYPE_OF_CATEGORY = {
 }
 # logs and history: what counts as tampering (a write counts only when it shrank the file)
 TAMPERING_OPS = frozenset({"delete", "rename", "link"})
+ROTATED_MEMORY_SECONDS = 60.0
+MAX_ROTATED = 1024
 LOGROTATE_DIRS = ("/usr/sbin/", "/usr/bin/", "/sbin/", "/bin/", "/usr/local/sbin/", "/usr/local/bin/")
 # app.log.1, app.log.2.gz, app.log-20250101, app.log.2025-01-01, app.log.1.bz2
 _ROTATED_SUFFIX = re.compile(r"^[.-](?:\d+|\d{4}-?\d{2}-?\d{2}(?:[-_T]?\d{2,6})?)(?:\.(?:gz|bz2|xz|zst|lz4|zip))?$")
@@ -104,6 +110,8 @@ class SensitiveFileDetector(Detector):
     def __init__(self, ctx: Any) -> None:
         super().__init__(ctx)
         self.skipped: Counter[str] = Counter()
+        # (containerMntNs, log path) -> when it was rotated away: the file made next at that path is a new log
+        self._rotated: OrderedDict[tuple[Any, str], float] = OrderedDict()
 
     def on_event(self, event: RuntimeEvent) -> Iterable[Detection]:
         data = event.data or {}
@@ -112,6 +120,9 @@ class SensitiveFileDetector(Detector):
         path = data.get("filePath")
         op = data.get("fileOperation")
         if ftype is None or not isinstance(path, str) or not isinstance(op, str):
+            return ()
+        if category == "ssh_keys" and os.path.basename(path) == ".ssh" and op in ("create", "delete", "attribute"):
+            self.skipped["ssh_dir"] += 1  # ssh makes ~/.ssh for known_hosts; keys put in it are events of their own
             return ()
         guessed = bool(data.get("modifyingProcessGuessed"))
         if category in ("log", "shell_history"):
@@ -145,17 +156,33 @@ class SensitiveFileDetector(Detector):
     def _rotation(self, event: RuntimeEvent, path: str, op: str) -> bool:
         data = event.data or {}
         p = event.process
+        ns = data.get("containerMntNs")
+        old, new = data.get("oldPath"), data.get("newPath")
         if _is_logrotate(p) or (p is not None and _is_logrotate(self.ctx.parent(p))):
             self.skipped["logrotate"] += 1
+            if op == "rename" and isinstance(old, str):
+                self._remember_rotated(ns, old, event.time)
             return True
-        old, new = data.get("oldPath"), data.get("newPath")
         if op == "rename" and isinstance(old, str) and isinstance(new, str) and is_rotation_rename(old, new):
             self.skipped["app_rotation"] += 1
+            self._remember_rotated(ns, old, event.time)
+            return True
+        when = self._rotated.get((ns, path)) if op == "write" else None
+        if when is not None and 0 <= event.time - when <= ROTATED_MEMORY_SECONDS:
+            # The file source keeps the size of the path, not of the file: the new, small log made after a
+            # rotation reads as a truncation of the old one.
+            self.skipped["new_log_after_rotation"] += 1
             return True
         if op in ("delete", "write") and is_rotated_name(path):
             self.skipped["rotated_copy"] += 1
             return True
         return False
+
+    def _remember_rotated(self, ns: Any, path: str, when: float) -> None:
+        self._rotated[(ns, path)] = when
+        self._rotated.move_to_end((ns, path))
+        while len(self._rotated) > MAX_ROTATED:
+            self._rotated.popitem(last=False)
 
     def snapshot(self) -> dict[str, Any]:
         return dict(self.skipped)

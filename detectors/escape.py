@@ -30,7 +30,7 @@
   ``tmpfs``, ``mqueue`` and binds of the container's own files (not host mounts). ``mountSource`` is what
   GuardDuty calls it: the host path for a bind (the mount's root in its filesystem), else the source
   (``proc``, a device). Context ``mountSource``, ``mountTarget``, ``fileSystemType``, ``flags`` (the mount
-  options), ``mountKind`` (ours). Note that the process named is the namespace's process the source read
+  options, as a list), ``mountKind`` (ours). Note that the process named is the namespace's process the source read
   the table through, not necessarily the one that called mount(2): /proc keeps no author for a mount.
 * ``DefenseEvasion:Runtime/KernelModuleLoaded``: ``kernel.module`` with ``op`` load. Only where
   /proc/modules is the host's (ECS on EC2, local mode). Context ``moduleName``, ``taints`` (ours).
@@ -259,7 +259,7 @@ class HostMountDetector(Detector):
             "mountSource": source,
             "mountTarget": target,
             "fileSystemType": fs_type,
-            "flags": data.get("options"),
+            "flags": options.split(",") if isinstance(options := data.get("options"), str) and options else None,
             "mountKind": kind,
         }
         return (

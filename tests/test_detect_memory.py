@@ -331,3 +331,31 @@ def test_program_started_by_a_debugger_is_not_anti_debugging(sleeper: ProcessInf
     assert f["service"]["runtimeDetails"]["context"]["targetProcess"]["pid"] == sleeper.pid
     for f in e.findings:
         Finding.model_validate(f)
+
+
+def test_preload_rules_on_a_real_process(sleeper: ProcessInfo, tmp_path: Path) -> None:
+    """Which proc.library facts are findings: the source's fields as it reports them, around a real process."""
+    e = Engine()
+    boxed = _as(sleeper, container=ContainerRef("app", "c1"))
+
+    def lib(p: ProcessInfo, **data: Any) -> None:
+        e.engine.on_event(RuntimeEvent("proc.library", p, data={"ldPreloadValue": None, "fileTime": None, **data}))
+
+    # an image's own library preloaded (dated before the container started), or named bare: configuration
+    lib(boxed, libraryPath="/usr/lib/libjemalloc.so.2", reason="ld_preload", newFile=False)
+    lib(boxed, libraryPath="libtcmalloc.so.4", reason="ld_preload", newFile=None)
+    assert e.findings == []
+    # a preload that is not in the container's files (the path is seen through /proc/<pid>/root): deleted since
+    missing = str(tmp_path / "gone.so")
+    lib(boxed, libraryPath=missing, reason="ld_preload", newFile=None, ldPreloadValue=missing)
+    assert [ctx_of(f)["reason"] for f in e.findings] == ["ld_preload_missing"]
+    assert ctx_of(e.findings[0])["ldPreloadValue"] == missing
+    # on a host, a system library newer than boot is an upgrade; in a container it is news
+    host = _as(sleeper, container=None)
+    lib(host, libraryPath="/usr/lib/x86_64-linux-gnu/libssl.so.3", reason="new_file", newFile=True)
+    assert len(e.findings) == 1
+    lib(boxed, libraryPath="/usr/lib/x86_64-linux-gnu/libssl.so.3", reason="new_file", newFile=True)
+    lib(host, libraryPath="/tmp/x.so", reason="memfd", newFile=None)
+    assert [ctx_of(f)["reason"] for f in e.findings[1:]] == ["new_file", "memfd"]
+    for f in e.findings:
+        valid(f)

@@ -443,13 +443,12 @@ class Captured:
         deadline = time.monotonic() + 10
         pid = p.pid
         while time.monotonic() < deadline:
-            kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-            if kids:
-                pid = int(kids[0])
-                continue
             info = self.collector.capture(pid)
-            if info is not None and info.name == want:
+            if info is not None and info.name == want and info.complete:  # not read mid-exec
                 return info
+            kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+            if kids and (info is None or info.name != want):
+                pid = int(kids[0])
             time.sleep(0.02)
         pytest.fail(f"could not capture {want} under {argv}")
 

@@ -48,7 +48,7 @@ def test_plain_list_loads_every_kind_and_reports_bad_lines_with_file_and_line(tm
     assert "more than one value" in by_line[14].message
     assert by_line[15].message.endswith("'-bad-.example.com'")
     assert intel.snapshot()["threatLists"] == {"MyList": 9}
-    assert intel.match_ip("198.51.100.7")[0] == Entry("MyList", "c2", None, "198.51.100.7")
+    assert intel.match_ip("198.51.100.7")[0] == Entry("MyList", "c2", None)
     assert intel.match_ip("203.0.113.200")[0].threat_name == "a whole block"
     assert intel.match_ip("2001:db8:dead::1") and intel.match_ip("2001:db8:beef:1::5")
     assert not intel.match_ip("2001:db8:beee::1")

@@ -114,6 +114,7 @@ class ThreatIntel:
         """Load one list's text (a file's content) under ``name``; returns its problems."""
         problems: list[ListProblem] = []
         target = self.trusted if trusted else self.threats
+        entries: dict[str | None, Entry] = {}
         n = 0
         for item in read_list(path, text, fmt):
             if isinstance(item, ListProblem):
@@ -125,7 +126,10 @@ class ThreatIntel:
             if category == "malware" and item.kind != "sha256":
                 problems.append(ListProblem(path, item.line, f"a malware list holds SHA-256 hashes, not {item.text!r}"))
                 continue
-            target.add(item.kind, item.value, Entry(name, category, item.threat_name, item.text))
+            entry = entries.get(item.threat_name)
+            if entry is None:
+                entry = entries[item.threat_name] = Entry(name, category, item.threat_name)
+            target.add(item.kind, item.value, entry)
             n += 1
         self.lists[name] = {"entries": self.lists.get(name, {}).get("entries", 0) + n, "category": category,
                             "trusted": trusted, "path": path}  # fmt: skip
@@ -170,7 +174,7 @@ class ThreatIntel:
             if parsed is None:
                 problems.append(ListProblem(path, None, f"bad indicator {indicator!r}"))
                 continue
-            self.threats.add(parsed[0], parsed[1], Entry(name, cat, threat, indicator))
+            self.threats.add(parsed[0], parsed[1], Entry(name, cat, threat))
             n += 1
         self.lists[name] = {"entries": n, "category": category, "trusted": False, "path": path}
         return problems

@@ -49,6 +49,7 @@ from collectors.events import ProcessInfo, RuntimeEvent
 from detectors import catalog
 from detectors.base import Detection, Detector, DetectorContext
 from detectors.tools import (
+    MAX_EXAMPLE,
     CatalogError,
     Program,
     compile_regexes,
@@ -226,6 +227,25 @@ def _fd_link(info: ProcessInfo, fd: int) -> str | None:
         return None
 
 
+_SEPARATORS = re.compile(r"&&|\|\||[;|&\n(){}`]|\$\(")
+_SKIP_WORDS = frozenset({"sudo", "doas", "nohup", "exec", "env", "command", "builtin", "then", "do", "else", "time",
+                         "setsid", "!", "if", "while", "until"})  # fmt: skip
+
+
+def _simple_commands(cl: str) -> Iterable[tuple[str, str]]:
+    """(program, arguments) of each simple command in a shell's command text (after its options)."""
+    words = cl.split()
+    i = 1
+    while i < len(words) and words[i].startswith("-"):
+        i += 1
+    for seg in _SEPARATORS.split(" ".join(words[i:])):
+        tokens = seg.split()
+        while tokens and (tokens[0] in _SKIP_WORDS or ("=" in tokens[0] and not tokens[0].startswith("="))):
+            tokens.pop(0)
+        if tokens and not tokens[0].startswith((">", "<", "-")):
+            yield os.path.basename(tokens[0].strip("\"'")).lower(), " ".join(tokens[1:])
+
+
 def _writes_stdout(prog: Program) -> bool:
     """A downloader's output goes to stdout (curl's default; wget only with -O -)."""
     names, args = prog.names, prog.args
@@ -246,8 +266,30 @@ def _reads_program_from_stdin(info: ProcessInfo) -> bool:
 @dataclass(slots=True)
 class _Sibling:
     info: ProcessInfo
-    role: str  # download | decode | reader
-    time: float
+    role: str  # download | decode | reader | "" (another child of the same shell)
+    time: float  # start, wall clock
+
+
+def _start_wall(info: ProcessInfo) -> float:
+    """When a process started, on the wall clock, to the tick: ``start_time`` is built on btime, which is
+    truncated to whole seconds; the boot clock is not (wall now - boot clock now = the exact boot time)."""
+    if info.start_ticks <= 0:
+        return info.start_time
+    boot = time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
+    return boot + info.start_ticks / procfs.CLOCK_TICKS
+
+
+def _order(s: _Sibling) -> tuple[int, int]:
+    return (s.info.start_ticks, s.info.pid)
+
+
+def _adjacent(group: Iterable[_Sibling], first: _Sibling, second: _Sibling) -> bool:
+    """``first`` was forked right before ``second``: no other child of the shell started between them
+    (`curl url > f; cat f | sh` has cat between curl and sh)."""
+    lo, hi = _order(first), _order(second)
+    if lo >= hi:
+        return False
+    return not any(lo < _order(s) < hi for s in group if s is not first and s is not second)
 
 
 class SuspiciousCommandDetector(Detector):
@@ -283,6 +325,15 @@ class SuspiciousCommandDetector(Detector):
                 if any(r.search(cl) for r in pat.shell) and pat.accepts(cl) and self._parent_ok(p, pat):
                     hits.add(pat.name)
                     out.append(self._detection(pat, p, event.time, example(p)))
+            # the simple commands of the text: a `chmod u+s x` typed in `sh -c` is judged even if chmod exits
+            # before its own exec can be read (pollers miss such short lives)
+            for seg_prog, seg_args in _simple_commands(cl):
+                for pat in self.catalog.by_program.get(seg_prog, ()):
+                    if pat.name in hits or (pat.args and not any(r.search(seg_args) for r in pat.args)):
+                        continue
+                    if pat.accepts(seg_args):
+                        hits.add(pat.name)
+                        out.append(self._detection(pat, p, event.time, example(p)))
             if hits:
                 self._remember_hits(p, hits)
         seen: set[str] = set()
@@ -335,6 +386,8 @@ class SuspiciousCommandDetector(Detector):
         return prev is not None and prev != p.uuid and name in self._shell_hits.get(prev, ())
 
     def _pipeline(self, p: ProcessInfo, prog: Program, now: float) -> list[Detection]:
+        if not p.parent_uuid:
+            return []
         pipe = self.catalog.pipeline
         role: str | None = None
         if prog.names & pipe.downloaders and _writes_stdout(prog):
@@ -343,41 +396,45 @@ class SuspiciousCommandDetector(Detector):
             role = "decode"
         elif prog.names & pipe.stdin_programs and _reads_program_from_stdin(p):
             role = "reader"
-        if role is None or not p.parent_uuid:
-            return []
-        when = p.start_time if p.start_time > 0 else now
         group = self._siblings.get(p.parent_uuid)
         if group is None:
-            group = self._siblings[p.parent_uuid] = deque(maxlen=8)
+            if role is None:
+                return []  # nothing to pair with yet: only groups with a candidate are kept
+            group = self._siblings[p.parent_uuid] = deque(maxlen=16)
             while len(self._siblings) > 512:
                 self._siblings.popitem(last=False)
         else:
             self._siblings.move_to_end(p.parent_uuid)
-        out: list[Detection] = []
+        me = _Sibling(p, role or "", _start_wall(p))
+        group.append(me)
+        if role is None:
+            return []
         for sib in group:
-            if abs(sib.time - when) > pipe.window or sib.info.pid == p.pid:
+            if sib is me or not sib.role or abs(sib.time - me.time) > pipe.window:
                 continue
-            if role == "reader" and sib.role != "reader":
-                out.extend(self._pipe_hit(sib.info, sib.role, p))
-            elif role != "reader" and sib.role == "reader":
-                out.extend(self._pipe_hit(p, role, sib.info))
-        group.append(_Sibling(p, role, when))
-        return out[:1]
+            pair = (sib, me) if role == "reader" else (me, sib)
+            if pair[0].role == "reader" or pair[1].role != "reader" or not _adjacent(group, *pair):
+                continue
+            return self._pipe_hit(pair[0].info, pair[0].role, pair[1].info, now)
+        return []
 
-    def _pipe_hit(self, source: ProcessInfo, role: str, reader: ProcessInfo) -> list[Detection]:
+    def _pipe_hit(self, source: ProcessInfo, role: str, reader: ProcessInfo, now: float) -> list[Detection]:
         pat = self.catalog.by_name[PIPE_PATTERNS[role]]
         parent = self.ctx.parent(reader)
         if parent is not None and not is_shell(parent):
             return []  # a program wiring two children together is not a typed pipeline
         if reader.parent_uuid and pat.name in self._shell_hits.get(reader.parent_uuid, ()):
             return []  # `sh -c "curl x | sh"`: reported on that shell
+        # `curl url > f; cat f | sh` in a script: curl was over before the reader started
+        if source.exited_at is not None and source.exited_at < _start_wall(reader):
+            return []
         out_link, in_link = _fd_link(source, 1), _fd_link(reader, 0)
         if out_link is not None and in_link is not None and out_link != in_link:
             self.pipe_mismatch += 1
             return []
         self.pipelines += 1
         cmd = f"{source.command_line or source.name} | {reader.command_line or reader.name}"
-        return [self._detection(pat, reader, time.time() if reader.start_time <= 0 else reader.start_time, cmd)]
+        return [self._detection(pat, reader, now, cmd[:MAX_EXAMPLE])]
 
 
 DETECTORS = (SuspiciousCommandDetector,)

@@ -9,8 +9,8 @@ module of ``python -m``. Arguments are not names: ``grep nmap notes.txt``,
 findings. A SHA-256 listed in the catalog matches whatever the file is
 called. Renamed miners are caught by their command-line shape (XMRig's
 ``--donate-level``, a stratum URL, a Monero wallet as the pool user...),
-except in shells (their ``-c`` text names a program that is matched itself
-when it starts) and in programs that only read or print text.
+except in ``sh -c`` (its text names a program that is matched itself when
+it starts) and in programs that only read or print text.
 
 Levels: ``offensive`` tools are High, ``dual_use`` ones Low. A dual-use
 entry may fire only in its risky mode (netcat listening or executing, not
@@ -198,7 +198,8 @@ class ToolCatalog:
                 tool = self.by_name.get(n) or self.by_name.get(n[:15])
                 if tool is not None:
                     break
-        if tool is None and self.shaped and not is_shell(info) and not (prog.names & self.skip_programs):
+        shell_text = is_shell(info) and shell_mode(info) == "command"
+        if tool is None and self.shaped and not shell_text and not (prog.names & self.skip_programs):
             cl = info.command_line or ""
             tool = next((t for t in self.shaped if any(r.search(cl) for r in t.shapes)), None)
         if tool is None:

@@ -19,7 +19,9 @@ from bench import process_capture
 
 def main() -> None:
     p = argparse.ArgumentParser(prog="python -m bench")
-    p.add_argument("suite", nargs="?", default="process", choices=["process", "packets", "sockets", "intel"])
+    p.add_argument(
+        "suite", nargs="?", default="process", choices=["process", "packets", "sockets", "intel", "detectors"]
+    )
     p.add_argument("--quick", action="store_true", help="fewer samples, shorter windows")
     args = p.parse_args()
     if args.suite != "process":

@@ -55,6 +55,7 @@ from detectors.rules import (
     ConditionError,
     RuleSet,
     Test,
+    anchor_of,
     check_template,
     compile_condition,
     compile_operator,
@@ -264,6 +265,7 @@ class _Builder:
                         events=events,
                         test=test,
                         custom=m.type not in known,
+                        anchor=anchor_of(m.condition, lists),
                     )
                 )
         return models, RuleSet(compiled), {name: ft for name, (ft, _) in custom.items()}

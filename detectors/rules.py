@@ -19,6 +19,7 @@ match a positive operator, so ``not`` of such a leaf is true.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import ipaddress
 import re
 import string
@@ -395,10 +396,12 @@ def compile_operator(spec: FieldSpec, op: str, value: Any, lists: Lists, loc: st
         nets = []
         for v in _strings(_values(value, lists, loc, op), loc, op):
             try:
-                nets.append(ipaddress.ip_network(v, strict=False))
+                net = ipaddress.ip_network(v, strict=False)
             except ValueError as exc:
                 raise ConditionError(loc, f"bad CIDR {v!r}: {exc}") from None
-        return lambda v: _in_networks(v, nets)
+            nets.append((net.version, int(net.network_address), int(net.netmask)))
+        frozen = tuple(nets)
+        return lambda v: _in_networks(v, frozen)
     if op == "domain":
         if spec.kind != "domain":
             raise ConditionError(loc, f"domain needs a domain field (dns.domain), {spec.name!r} is not one")
@@ -450,14 +453,24 @@ def glob_predicate(patterns: Sequence[str]) -> Predicate:
     return lambda v: v in exact or rx.match(str(v)) is not None
 
 
-def _in_networks(v: Any, nets: list[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
+@functools.lru_cache(maxsize=8192)
+def parse_ip(text: str) -> tuple[int, int] | None:
+    """(version, integer) of an address, v4-mapped v6 as v4; None when it is not one. Cached: addresses repeat."""
     try:
-        ip = ipaddress.ip_address(str(v))
+        ip = ipaddress.ip_address(text)
     except ValueError:
-        return False
+        return None
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
-    return any(ip.version == n.version and ip in n for n in nets)
+    return ip.version, int(ip)
+
+
+def _in_networks(v: Any, nets: tuple[tuple[int, int, int], ...]) -> bool:
+    parsed = parse_ip(v if isinstance(v, str) else str(v))
+    if parsed is None:
+        return False
+    version, n = parsed
+    return any(version == ver and n & mask == net for ver, net, mask in nets)
 
 
 def _domain_match(v: Any, with_self: frozenset[str], below: frozenset[str]) -> bool:
@@ -621,23 +634,72 @@ class CompiledRule:
     events: frozenset[str]
     test: Test
     custom: bool
-    matches: int = 0
+    # (field, values): the rule can only match when the field's value is one of these (see anchor_of)
+    anchor: tuple[str, frozenset[Any]] | None = None
+    order: int = 0
+
+
+def anchor_of(node: Any, lists: Lists) -> tuple[str, frozenset[Any]] | None:
+    """An exact-value leaf (equals/in on a text or number field) that the whole condition requires, if any.
+
+    Rules with one are indexed by that value, so that an event is tested only against the rules that
+    name its process (or its container, its file category...): a policy of hundreds of rules costs little
+    more per event than one of ten. Only called on a condition that compiled.
+    """
+    leaves = [node] if "field" in node else node.get("all") if isinstance(node.get("all"), list) else []
+    for leaf in leaves:
+        if not isinstance(leaf, dict) or "field" not in leaf:
+            continue
+        spec = FIELDS[leaf["field"]]
+        if spec.multi or spec.kind not in ("str", "int"):
+            continue
+        op = next(k for k in leaf if k != "field")
+        if op not in ("equals", "in"):
+            continue
+        vals = _values(leaf[op], lists, "", op)
+        if spec.kind == "int":
+            return spec.name, frozenset(_ints(vals, "", op))
+        return spec.name, frozenset(str(v) for v in vals)
+    return None
+
+
+@dataclass(slots=True)
+class KindIndex:
+    """The rules of one event kind: those tested on every event, and those found by an anchor field's value."""
+
+    always: list[CompiledRule] = field(default_factory=list)
+    anchored: dict[str, dict[Any, list[CompiledRule]]] = field(default_factory=dict)
+
+    def all_rules(self) -> list[CompiledRule]:
+        seen = {id(r): r for r in self.always}
+        for table in self.anchored.values():
+            for rules in table.values():
+                seen.update((id(r), r) for r in rules)
+        return sorted(seen.values(), key=lambda r: r.order)
 
 
 @dataclass(slots=True)
 class RuleSet:
     rules: list[CompiledRule] = field(default_factory=list)
 
-    def by_kind(self) -> dict[str, list[CompiledRule]]:
-        out: dict[str, list[CompiledRule]] = defaultdict(list)
-        for r in self.rules:
+    def by_kind(self) -> dict[str, KindIndex]:
+        out: dict[str, KindIndex] = defaultdict(KindIndex)
+        for i, r in enumerate(self.rules):
+            r.order = i
             for k in sorted(r.events):
-                out[k].append(r)
+                idx = out[k]
+                if r.anchor is None:
+                    idx.always.append(r)
+                else:
+                    table = idx.anchored.setdefault(r.anchor[0], {})
+                    for v in r.anchor[1]:
+                        table.setdefault(v, []).append(r)
         return dict(out)
 
 
 class UserRulesDetector(Detector):
-    """Every user rule of the policy in one detector: rules indexed by event kind, conditions precompiled.
+    """Every user rule of the policy in one detector: rules indexed by event kind and anchor value, conditions
+    precompiled.
 
     The policy builds a subclass per rule set (``types`` and ``kinds`` are class attributes the engine reads).
     """
@@ -652,10 +714,22 @@ class UserRulesDetector(Detector):
         self._index = self.ruleset.by_kind()
         self.matches: Counter[str] = Counter()
 
+    def rules_for(self, kind: str) -> list[CompiledRule]:
+        idx = self._index.get(kind)
+        return idx.all_rules() if idx is not None else []
+
     def on_event(self, event: RuntimeEvent) -> Iterable[Detection]:
-        rules = self._index.get(event.kind)
-        if not rules:
+        idx = self._index.get(event.kind)
+        if idx is None:
             return ()
+        rules = idx.always
+        for fname, table in idx.anchored.items():
+            value = EVENT_FIELDS[fname](event, self.ctx)
+            if value is None:
+                continue
+            found = table.get(value if isinstance(value, int) else str(value))
+            if found:
+                rules = sorted({id(r): r for r in (*rules, *found)}.values(), key=lambda r: r.order)
         out = []
         for r in rules:
             if r.test(event, self.ctx):

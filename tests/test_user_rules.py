@@ -183,7 +183,15 @@ def test_rule_detector_is_indexed_by_kind(bench: Bench) -> None:
     (det,) = [d for d in bench.engine.detectors if isinstance(d, UserRulesDetector)]
     assert det.kinds == ("dns.query", "file.modify", "net.connect", "process.exec")
     assert set(det.types) == {PASTE, CMD, "Custom:Runtime/OddPort", "Custom:Runtime/PasteDomain"}
-    assert [r.id for r in det._index["process.exec"]] == ["curl-pastebin", "sleep-under-cron"]  # "disabled" is off
+    assert [r.id for r in det.rules_for("process.exec")] == ["curl-pastebin", "sleep-under-cron"]  # not "disabled"
+    # a rule that requires exact values of a field is only tested on events with one of them
+    paste, cron = det.rules_for("process.exec")
+    assert det._index["process.exec"].anchored == {
+        "process.name": {"curl": [paste], "wget": [paste]},
+        "parent.name": {"sh": [cron]},
+    }
+    assert det._index["process.exec"].always == []
+    assert [r.id for r in det._index["dns.query"].always] == ["paste-dns"]  # a domain leaf: tested on every query
 
 
 def test_custom_type_on_a_real_exec(bench: Bench, tmp_path: Path) -> None:

@@ -384,6 +384,8 @@ class _Builder:
                     continue
                 spec = FIELDS[fname]
                 op, operand = _DEFAULT_OP[spec.kind], value
+                if op == "in" and not isinstance(value, list) and not str(value).startswith("@"):
+                    op = "equals"  # remote_port: 443
                 if isinstance(value, dict):
                     if len(value) != 1:
                         self.problem(f"{loc}.{key}", f"expected one {{operator: value}}, got {value!r}")

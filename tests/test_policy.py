@@ -525,6 +525,7 @@ def test_exception_on_network_and_dns_detections(captured: Captured) -> None:
             "exceptions": [
                 {"remote_ip": ["10.0.0.0/8", "@office"], "remote_port": [443, 8443], "reason": "internal tls"},
                 {"domain": "*.corp.example", "reason": "corp names"},
+                {"remote_ip": "203.0.113.0/24", "remote_port": 8080, "reason": "the partner's proxy"},
                 {"domain": "updates.example.org", "process_name": "sleep", "reason": "updater"},
             ],
         }
@@ -542,6 +543,8 @@ def test_exception_on_network_and_dns_detections(captured: Captured) -> None:
     assert pol.suppressed(net("2001:db8::5"), c2) == "internal tls"
     assert pol.suppressed(net("10.2.3.4", 22), c2) is None
     assert pol.suppressed(net("203.0.113.9"), c2) is None
+    assert pol.suppressed(net("203.0.113.9", 8080), c2) == "the partner's proxy"
+    assert pol.suppressed(net("203.0.114.9", 8080), c2) is None
     dns = catalog.get("Backdoor:Runtime/C&CActivity.B!DNS")
 
     def query(name: str, p: ProcessInfo | None = proc) -> Detection:

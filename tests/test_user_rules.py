@@ -375,3 +375,49 @@ def test_rules_and_exceptions_in_the_task(task_env: TaskEnv, tmp_path: Path) -> 
     assert (
         len(pastes) == 1 and "pastebin.com" in pastes[0]["service"]["runtimeDetails"]["context"]["commandLineExample"]
     )
+
+
+def test_anchored_and_plain_rules_all_fire_once_each() -> None:
+    def r(rid: str, cond: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "id": rid,
+            "description": rid,
+            "type": "Custom:Runtime/Sleep",
+            "severity": 2,
+            "events": ["process.exec"],
+            "condition": cond,
+        }
+
+    policy = Policy.parse(
+        {
+            "rules": [
+                r(
+                    "by-name",
+                    {"all": [{"field": "process.name", "in": ["sleep", "nap"]}, {"field": "process.uid", "lt": 1000}]},
+                ),
+                r("by-exe", {"field": "process.executable", "endswith": "/sleep"}),
+                r(
+                    "by-container",
+                    {"all": [{"field": "container.name", "equals": "app"}, {"field": "process.name", "glob": "sl*"}]},
+                ),
+                r("by-other-name", {"field": "process.name", "equals": "curl"}),
+            ]
+        }
+    )
+    b = Bench(policy)
+    try:
+        proc = b.start(["sleep", "38"], APP, want="sleep")
+        got = b.feed("process.exec", proc)
+        assert [f["service"]["runtimeDetails"]["context"]["ruleId"] for f in got] == [
+            "by-name",
+            "by-exe",
+            "by-container",
+        ]
+        worker = ContainerRef("worker", "w1", "registry.example/shop:3", source="test")
+        other = b.start(["sleep", "39"], worker, want="sleep")
+        assert [f["service"]["runtimeDetails"]["context"]["ruleId"] for f in b.feed("process.exec", other)] == [
+            "by-name",
+            "by-exe",
+        ]
+    finally:
+        b.close()

@@ -80,7 +80,8 @@ OPERATORS = (
 # Longest regex a rule may hold, and the shape of the nested quantifiers that backtrack exponentially
 # ("(a+)+", "(.*)*", "(x|y+)*"): Python's re has no time limit, and a rule runs on every command line.
 MAX_REGEX_CHARS = 1000
-_NESTED_QUANTIFIER = re.compile(r"\((?:[^()\\]|\\.)*[+*}](?:[^()\\]|\\.)*\)(?:[+*]|\{\d*,\d*\})")
+_ATOM = re.compile(r"\\.|\[\^?\]?(?:\\.|[^\]])*\]|.", re.S)
+_QUANT = re.compile(r"[?*+]|\{\d*(?:,\d*)?\}")
 
 
 class ConditionError(ValueError):
@@ -311,10 +312,87 @@ Predicate = Callable[[Any], bool]
 Lists = Mapping[str, Sequence[Any]]
 
 
+def _group_end(pattern: str, start: int) -> int:
+    """Index of the ')' closing the group opened at ``start`` (or len(pattern))."""
+    depth, i = 0, start
+    while i < len(pattern):
+        m = _ATOM.match(pattern, i)
+        assert m is not None
+        tok = m.group()
+        if tok == "(":
+            depth += 1
+        elif tok == ")":
+            depth -= 1
+            if depth == 0:
+                return i
+        i = m.end()
+    return len(pattern)
+
+
+def _branch_can_be_empty_and_repeats(branch: str) -> bool:
+    """A branch whose every atom is optional or repeated (``\\w+\\s?``): nothing anchors an iteration."""
+    i, mandatory, repeated = 0, False, False
+    while i < len(branch):
+        if branch[i] == "(":
+            end = _group_end(branch, i)
+            tok_end = end + 1
+        else:
+            m = _ATOM.match(branch, i)
+            assert m is not None
+            tok_end = m.end()
+        q = _QUANT.match(branch, tok_end)
+        if q is None:
+            if branch[i] not in "^$":
+                mandatory = True
+        else:
+            repeated = repeated or q.group() in ("*", "+") or "," in q.group()
+            tok_end = q.end()
+            if tok_end < len(branch) and branch[tok_end] in "?+":  # lazy/possessive marker
+                tok_end += 1
+        i = tok_end
+    return repeated and not mandatory
+
+
+def _split_branches(inner: str) -> list[str]:
+    out, depth, start, i = [], 0, 0, 0
+    while i < len(inner):
+        m = _ATOM.match(inner, i)
+        assert m is not None
+        tok = m.group()
+        depth += tok == "("
+        depth -= tok == ")"
+        if tok == "|" and depth == 0:
+            out.append(inner[start:i])
+            start = m.end()
+        i = m.end()
+    out.append(inner[start:])
+    return out
+
+
+def nested_quantifier(pattern: str) -> bool:
+    """A repeated group whose body can match in many ways with nothing mandatory in it: ``(a+)+``, ``(\\w+\\s?)*``,
+    ``(.*)*``. ``(\\w+\\.)+`` is fine: each iteration must end with a dot."""
+    i = 0
+    while i < len(pattern):
+        m = _ATOM.match(pattern, i)
+        assert m is not None
+        if m.group() == "(":
+            end = _group_end(pattern, i)
+            q = _QUANT.match(pattern, end + 1)
+            if q is not None and (q.group() in ("*", "+") or "," in q.group()):
+                inner = pattern[i + 1 : end]
+                if inner.startswith("?"):  # (?:...), (?P<name>...), lookarounds
+                    inner = re.sub(r"^\?(?:P<\w+>|[:=!]|<[=!])", "", inner)
+                if any(_branch_can_be_empty_and_repeats(b) for b in _split_branches(inner)):
+                    return True
+        i = m.end()
+    return False
+
+
 def check_regex(pattern: str, loc: str) -> re.Pattern[str]:
     if len(pattern) > MAX_REGEX_CHARS:
         raise ConditionError(loc, f"regex longer than {MAX_REGEX_CHARS} characters")
-    if _NESTED_QUANTIFIER.search(pattern):
+    if nested_quantifier(pattern):
         raise ConditionError(
             loc,
             f"regex {pattern!r} nests a quantifier inside a repeated group, which can backtrack "

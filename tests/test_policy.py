@@ -583,3 +583,31 @@ def test_engine_counts_a_suppressed_reverse_shell(captured: Captured) -> None:
         (REVSHELL, "app")
     ]
     assert engine.snapshot()["suppressed"] == {"debug shells": 1}
+
+
+@pytest.mark.parametrize(
+    ("pattern", "rejected"),
+    [
+        ("(a+)+", True),
+        ("(.*)*", True),
+        (r"x(\w+\s?)*$", True),
+        ("(?:a*b?)+", True),
+        ("(a|b+)*", True),
+        (r"(\d+){2,}", True),
+        ("((ab)*)+", True),
+        (r"(\w+\.)+com", False),  # each iteration ends with a dot
+        (r"(\d{1,3}\.){3}\d{1,3}", False),
+        ("(https?://)?x", False),
+        ("(a|b)*", False),
+        (r"[(]a+[)]+", False),
+        (r"\(a+\)+", False),
+        (r"(-[a-z]+ )*", False),
+    ],
+)
+def test_catastrophic_regex_heuristic(pattern: str, rejected: bool) -> None:
+    doc = {"rules": [rule(condition={"field": "process.command_line", "regex": pattern})]}
+    if rejected:
+        with pytest.raises(PolicyError, match="backtrack catastrophically"):
+            Policy.parse(doc)
+    else:
+        assert Policy.parse(doc).ruleset.rules[0].id == "r"

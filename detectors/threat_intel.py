@@ -117,6 +117,11 @@ def _threat_text(evidence: list[ThreatEvidence]) -> str:
     return "; ".join(f"{ev.list_name}: {', '.join(ev.threat_names)}" for ev in evidence)
 
 
+def _name(value: Any) -> str:
+    """A DNS name from event data, normalized; "" for anything that is not a string."""
+    return normalize_domain(value) if isinstance(value, str) else ""
+
+
 def _is_outbound(data: dict[str, Any]) -> bool:
     return data.get("direction") not in ("INBOUND", "LISTEN")
 
@@ -162,7 +167,7 @@ class ThreatListDetector(_Base):
         intel = self.ctx.intel
         assert intel is not None
         remote = data.get("remoteIp")
-        if not remote or not _is_outbound(data):
+        if not isinstance(remote, str) or not remote or not _is_outbound(data):
             return ()
         out: list[Detection] = []
         hits = intel.match_ip(remote)
@@ -234,7 +239,7 @@ class ThreatListDetector(_Base):
         assert intel is not None
         if data.get("direction") == "INBOUND":
             return ()
-        domain = normalize_domain(data.get("queryName"))
+        domain = _name(data.get("queryName"))
         if not domain or domain in self.own_names:
             return ()
         m = intel.match_domain(domain)
@@ -256,7 +261,7 @@ class ThreatListDetector(_Base):
         assert intel is not None
         if data.get("direction") == "INBOUND":
             return ()
-        domain = normalize_domain(data.get("queryName"))
+        domain = _name(data.get("queryName"))
         if not domain or domain in self.own_names or intel.is_trusted_domain(domain):
             return ()
         out: list[Detection] = []
@@ -267,7 +272,7 @@ class ThreatListDetector(_Base):
             if not isinstance(value, str) or not value:
                 continue
             if rtype == "CNAME":
-                target = normalize_domain(value)
+                target = _name(value)
                 m = intel.match_domain(target)
                 typed = _first_typed(m.entries, dns=True) if m is not None else None
                 if typed is not None:
@@ -368,7 +373,7 @@ class MetadataDNSRebindDetector(_Base):
         data = event.data or {}
         if data.get("direction") == "INBOUND":
             return ()
-        domain = normalize_domain(data.get("queryName"))
+        domain = _name(data.get("queryName"))
         if not domain or domain in self.own_names:
             return ()
         for a in data.get("answers") or []:

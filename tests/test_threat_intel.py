@@ -234,17 +234,18 @@ def test_lists_dns_connections_miners_tor_and_malware_in_the_task(task_env: Task
         names = [*BENIGN_NAMES, BENIGN_NX_NAME, METADATA_OWN_NAME]
         task_env.run("app", [PY, "-c", query_script(names)], timeout=30)
         task_env.run("worker", [PY, "-c", connect_script([(OTHER_IP, ports[OTHER_IP])])], timeout=30)
-        task_env.run("app", ["sh", "-c", ": see the stratum docs; echo stratum"])
-        task_env.run("app", ["/bin/sleep", "0.3"])
-        task_env.run("app", ["/tmp/tor", "-c", "import time; time.sleep(0.5)", "--SocksPort", "9050"])
+        task_env.run("app", ["sh", "-c", ": see the stratum docs; sleep 1"])
+        task_env.run("app", ["/bin/sleep", "1"])
+        task_env.run("app", ["/tmp/tor", "-c", "import time; time.sleep(1)", "--SocksPort", "9050"])
         # the real thing
         names = [*TESTER, POOL_NAME, REBIND_NAME, DGA_NX_NAME]
         task_env.run("app", [PY, "-c", query_script(names)], timeout=60)
         targets = [(C2_IP, ports[C2_IP]), (STIX_IP, ports[STIX_IP])]
         task_env.run("worker", [PY, "-c", connect_script(targets)], timeout=30)
-        task_env.run("app", ["sh", "-c", ": xmrig -o stratum+tcp://pool.example-mine.test:3333 -u wallet"])
-        task_env.run("app", ["/tmp/evil", "0.3"])
-        task_env.run("app", ["/tmp/tor", "-c", "import time; time.sleep(0.5)", "ORPort", "9001"])
+        # (a process living long enough for /proc polling to see it, as a miner does)
+        task_env.run("app", ["sh", "-c", ": xmrig -o stratum+tcp://pool.example-mine.test:3333 -u w; sleep 1"])
+        task_env.run("app", ["/tmp/evil", "1"])
+        task_env.run("app", ["/tmp/tor", "-c", "import time; time.sleep(1)", "ORPort", "9001"])
 
         last = sidecar.wait_for_finding(lambda f: dns_domain_or_none(f) == DGA_NX_NAME, timeout=30)
         for name, (ftype, severity) in TESTER.items():
@@ -485,3 +486,20 @@ def test_tor_relay_by_listening_socket_and_torrc(tmp_path: Path) -> None:
     out = rig.feed("process.exec", me)
     assert [f["type"] for f in out] == [threat_intel.TOR_RELAY]
     assert "ORPort 443" in out[0]["service"]["runtimeDetails"]["context"]["relayEvidence"]
+
+
+def test_odd_event_data_never_raises(tmp_path: Path) -> None:
+    intel, _ = ThreatIntel.load()
+    rig = Rig(intel)
+    p = proc(17, "x", "/x", "x")
+    odd: list[Any] = [None, 7, "", "..", "a" * 300, ["1.2.3.4"], {"x": 1}, "\0", "1.2.3.4\0", "::ffff:", "ű.com"]
+    for v in odd:
+        for kind in ("net.connect", "net.syn", "net.udp", "net.listen"):
+            rig.feed(kind, p, remoteIp=v, remotePort=v, localIp=v, direction=v, protocol=v)
+        rig.feed("dns.query", None, queryName=v, direction=v)
+        rig.feed("dns.response", p, queryName=v, rcode=v, answers=v)
+        rig.feed("dns.response", p, queryName="x.example", answers=[v, {"type": "A", "value": v, "ttl": v}])
+        rig.feed("dns.response", p, queryName="x.example", answers=[{"type": "CNAME", "value": v}])
+    rig.feed("process.exec", None)
+    rig.feed("process.exec", dataclasses.replace(p, command_line=None, executable_sha256="zz"))
+    assert rig.engine.errors == {}, rig.engine.errors

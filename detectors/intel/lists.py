@@ -72,11 +72,13 @@ def _add(hits: Hits | None, entry: Entry, singles: dict[Entry, Hits]) -> Hits:
 _V4MAPPED_PREFIX = 0xFFFF << 32
 
 
-def parse_ip(text: str) -> tuple[int, int] | None:
+def parse_ip(text: object) -> tuple[int, int] | None:
     """(version, integer) of an address; IPv4-mapped IPv6 (::ffff:a.b.c.d) is IPv4. None if not an address.
 
     inet_pton, not ipaddress: this runs for every connection and every list line (5x faster).
     """
+    if not isinstance(text, str):
+        return None
     try:
         return 4, int.from_bytes(socket.inet_pton(socket.AF_INET, text), "big")
     except (OSError, ValueError):

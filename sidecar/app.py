@@ -15,6 +15,8 @@ import signal
 import time
 from typing import Any, Protocol
 
+import orjson
+
 from collectors.budget import CpuBudget
 from collectors.events import RuntimeEvent
 from collectors.exe_hash import ExeHasher
@@ -22,8 +24,11 @@ from collectors.proc_connector import ConnectorProcessSource
 from collectors.proc_poll import PollingProcessSource
 from collectors.process import ProcessCollector
 from collectors.process_table import ProcessTable
+from detectors.engine import DetectorEngine
+from detectors.policy import Policy
 from sidecar import __version__, ecs
 from sidecar.config import Settings
+from sidecar.detection import build_engine, load_policy
 from sidecar.outputs import JsonLinesOutput
 from sidecar.probe import choose_process_source, run_probe
 from sidecar.sources import NAMES, SourceSet
@@ -42,8 +47,11 @@ class Source(Protocol):
 
 
 class Sidecar:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, policy: Policy | None = None) -> None:
         self.settings = settings
+        self.policy = policy if policy is not None else load_policy(settings)
+        self.engine: DetectorEngine | None = None
+        self.findings_emitted = 0
         self.outputs: list[JsonLinesOutput] = []
         self.events_out: JsonLinesOutput | None = None
         self.findings_out: JsonLinesOutput | None = None
@@ -64,6 +72,16 @@ class Sidecar:
             self.events_out.write_raw(event.to_bytes())
         if event.kind == "process.exec" and event.process is not None and self.aux is not None:
             self.aux.on_process(event.process)
+        if self.engine is not None:
+            self.engine.on_event(event)
+
+    def on_finding(self, finding: dict[str, Any]) -> None:
+        """A new finding, or an update of an aggregated one (same id, higher count)."""
+        self.findings_emitted += 1
+        # serialized now: the aggregator keeps updating the same dict
+        line = orjson.dumps(finding)
+        if self.findings_out is not None:
+            self.findings_out.write_raw(line)
 
     # -- lifecycle ----------------------------------------------------------------
     def request_stop(self) -> None:
@@ -77,7 +95,6 @@ class Sidecar:
             self.events_out = JsonLinesOutput(s.events_out, max_queue=s.output_queue_max)
             self.outputs.append(self.events_out)
         if s.findings_out:
-            # Detectors will write here; opened now so the file exists from the start.
             self.findings_out = JsonLinesOutput(s.findings_out, max_queue=s.output_queue_max)
             self.outputs.append(self.findings_out)
         for out in self.outputs:
@@ -134,10 +151,12 @@ class Sidecar:
         # Containers that start after us appear in /task later: re-read it when
         # the resolver meets an id it does not know.
         self.refresher = ecs.MetadataRefresher(resolver)
+        table = ProcessTable(max_live=s.max_processes, max_exited=s.max_exited_processes)
+        self.engine = build_engine(s, self.identity, table, self.on_finding, self.policy)
         self.collector = ProcessCollector(
             self.on_event,
             resolve_container=resolver,
-            table=ProcessTable(max_live=s.max_processes, max_exited=s.max_exited_processes),
+            table=table,
             hasher=ExeHasher(size_limit=s.hash_max_bytes),
             hash_executables=s.hash_executables,
         )
@@ -150,12 +169,16 @@ class Sidecar:
             self._event_sources(), {"kernel_traces": {"lookup": capture}, "file_watch": {"capture": capture}}
         )
         stats_task = loop.create_task(self._stats_loop())
+        flush_task = loop.create_task(self._flush_loop())
         try:
             await self._run_sources(candidates)
         finally:
             stats_task.cancel()
+            flush_task.cancel()
             self.refresher.close()
             await self.aux.stop(STOP_TIMEOUT)
+            if self.engine is not None:
+                self.engine.flush(force=True)
             await self._shutdown()
         return 0
 
@@ -200,6 +223,13 @@ class Sidecar:
         if self.collector is not None:
             self.collector.hasher.shutdown()
 
+    async def _flush_loop(self) -> None:
+        """Aggregated findings whose count grew are re-emitted when their update interval has passed."""
+        while True:
+            await asyncio.sleep(1.0)
+            if self.engine is not None:
+                self.engine.flush()
+
     async def _stats_loop(self) -> None:
         while True:
             await asyncio.sleep(self.settings.stats_interval_s)
@@ -219,6 +249,8 @@ class Sidecar:
             out["source"] = {"name": self.source.name, **self.source.snapshot()}
         if self.aux is not None:
             out["eventSources"] = self.aux.snapshot()
+        if self.engine is not None:
+            out["detection"] = {**self.engine.snapshot(), "findingsEmitted": self.findings_emitted}
         out["outputs"] = {o.path: o.snapshot() for o in self.outputs}
         return out
 
@@ -226,5 +258,5 @@ class Sidecar:
         log.info("stats", extra={"why": why, "stats": self.stats()})
 
 
-def run(settings: Settings) -> int:
-    return asyncio.run(Sidecar(settings).run())
+def run(settings: Settings, policy: Policy | None = None) -> int:
+    return asyncio.run(Sidecar(settings, policy).run())

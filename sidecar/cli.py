@@ -22,7 +22,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--config", metavar="FILE", help="TOML or JSON file of settings (lowest precedence)")
     run.add_argument("--process-source", choices=["auto", "proc_connector", "proc_poll"])
     run.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    run.add_argument("--policy-file", metavar="FILE", help="detection policy: lists, exceptions, user rules")
     sub.add_parser("probe", help="print what each event source can do here, as JSON")
+    types = sub.add_parser("finding-types", help="print the finding catalog")
+    types.add_argument("--json", action="store_true", help="as JSON (default: a table)")
     return p
 
 
@@ -34,7 +37,12 @@ def main(argv: list[str] | None = None) -> int:
 
         sys.stdout.write(orjson.dumps(run_probe(), option=orjson.OPT_INDENT_2).decode() + "\n")
         return 0
+    if args.command == "finding-types":
+        from sidecar.catalog_cli import print_catalog
+
+        return print_catalog(as_json=args.json)
     cli = {
+        "policy_file": args.policy_file,
         "findings_out": args.findings_out,
         "events_out": args.events_out,
         "collector_url": args.collector_url,
@@ -43,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         settings = config.load(cli, config_file=args.config)
+        from sidecar.detection import load_policy
+
+        policy = load_policy(settings)
     except config.ConfigError as exc:
         sys.stderr.write(orjson.dumps({"level": "ERROR", "logger": "sidecar.config", "msg": str(exc)}).decode() + "\n")
         return 2
@@ -50,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     from sidecar.app import run
 
     try:
-        return run(settings)
+        return run(settings, policy)
     except OSError as exc:  # an output path we cannot open, for instance
         logging.getLogger("sidecar").error("cannot start", extra={"error": str(exc)})
         return 1

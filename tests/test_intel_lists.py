@@ -271,6 +271,9 @@ def test_load_never_raises_for_bad_files(tmp_path: Path) -> None:
     assert any(t.startswith(f"{binary}:1: ") for t in text)
     assert any("malware list holds SHA-256" in t for t in text)
     assert intel.match_ip("198.51.100.2"), "the good line after a bad one still loads"
+    mixed = write(tmp_path, "mixed.txt", "198.51.100.4\nabused.example\n")
+    _, problems = ThreatIntel.load([ListSpec(mixed, category="abused")], bundled=False)
+    assert [str(p) for p in problems] == [f"{mixed}: 1 ip indicator(s) raise no finding on a list of category abused"]
     assert all(isinstance(p, ListProblem) for p in problems)
 
 

@@ -115,6 +115,8 @@ class ThreatIntel:
         problems: list[ListProblem] = []
         target = self.trusted if trusted else self.threats
         entries: dict[str | None, Entry] = {}
+        ip_type, dns_type = CATEGORY_TYPES.get(category, (None, None))
+        silent: dict[str, int] = {}
         n = 0
         for item in read_list(path, text, fmt):
             if isinstance(item, ListProblem):
@@ -126,11 +128,21 @@ class ThreatIntel:
             if category == "malware" and item.kind != "sha256":
                 problems.append(ListProblem(path, item.line, f"a malware list holds SHA-256 hashes, not {item.text!r}"))
                 continue
+            if not trusted and category != "malware":
+                side = ip_type if item.kind in ("ip", "cidr") else dns_type if item.kind == "domain" else "hash"
+                if side is None:
+                    silent[item.kind] = silent.get(item.kind, 0) + 1
             entry = entries.get(item.threat_name)
             if entry is None:
                 entry = entries[item.threat_name] = Entry(name, category, item.threat_name)
             target.add(item.kind, item.value, entry)
             n += 1
+        for kind, count in sorted(silent.items()):
+            problems.append(
+                ListProblem(
+                    path, None, f"{count} {kind} indicator(s) raise no finding on a list of category {category}"
+                )
+            )
         self.lists[name] = {"entries": self.lists.get(name, {}).get("entries", 0) + n, "category": category,
                             "trusted": trusted, "path": path}  # fmt: skip
         return problems

@@ -7,14 +7,16 @@ Execution:Runtime/NewBinaryExecuted
     seconds). Scripts are not binaries: ``python3 x.py`` runs the old
     interpreter, so nothing fires. ``file.modify`` events of category
     binary_dir are remembered (path -> writer, time) to name the writer in
-    ``modifyingProcess`` and ``modifiedAt``. Writing without executing never
+    ``modifyingProcess`` and ``modifiedAt``; the file watch coalesces bursts
+    and often reports after the exec, so a detection without its writer
+    waits up to ``WAIT`` seconds for it (released by the next event of any
+    kind this detector reads once the wait is over). Writing without executing never
     fires. A package manager installing a binary at run time and then
     running it fires like anything else: the image no longer says what the
     container runs (that is the drift this type is about), and the writer
     (dpkg, pip...) is in ``modifyingProcess`` for the analyst or an
-    exception to see. A package manager in an image build step writes
-    before the container (of the build) ... and its result runs in a new
-    container whose files predate its start: no finding.
+    exception to see. What a package manager writes in an image build step
+    predates every container of that image: no finding.
 
 Execution:Runtime/SuspiciousShellCreated (Low)
     A shell that reads commands (``-i``, or no ``-c`` and no script: its
@@ -49,6 +51,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from collectors.events import ProcessInfo, RuntimeEvent, iso_time
+from collectors.files import BINARY, WATCHED
 from detectors.base import Detection, Detector, DetectorContext, process_details
 from detectors.tools import example, is_interactive_flag, is_shell, shell_mode
 
@@ -66,6 +69,8 @@ NORMAL_SETUID = frozenset(
      "dbus-daemon-launch-helper", "polkit-agent-helper-1", "traceroute6.iputils", "ntfs-3g", "Xorg.wrap",
      "pppd", "staprun", "snap-confine", "newuidmap", "newgidmap", "sudoedit", "vmware-user-suid-wrapper"}
 )  # fmt: skip
+# the directories whose writes the file watch reports (category binary_dir)
+WATCHED_BINARY_DIRS = frozenset(path for path, rule in WATCHED if rule is BINARY)
 LOGIN_SERVERS = frozenset({"sshd", "sshd-session", "dropbear", "telnetd", "in.telnetd", "login"})
 
 
@@ -76,12 +81,15 @@ def _iso_ns(ns: int | None) -> str | None:
 class NewBinaryDetector(Detector):
     name = "new_binary"
     types = (NEW_BINARY,)
-    kinds = ("process.exec", "file.modify")
+    # process.exec and file.modify do the work; the others only let a held detection go when its wait is over
+    kinds = ("process.exec", "file.modify", "process.exit", "net.connect", "net.listen", "dns.query")
+    WAIT = 3.0  # seconds an exec waits for the file watch's (coalesced, later) event naming the writer
 
     def __init__(self, ctx: DetectorContext, max_writes: int = 4096) -> None:
         super().__init__(ctx)
         # (container mount ns or id, path) -> (writer details, time, guessed)
         self._writes: OrderedDict[tuple[Any, str], tuple[dict[str, Any] | None, float, bool]] = OrderedDict()
+        self._held: OrderedDict[tuple[Any, str], tuple[float, Detection]] = OrderedDict()
         self.max_writes = max_writes
 
     @staticmethod
@@ -95,6 +103,15 @@ class NewBinaryDetector(Detector):
     def on_event(self, event: RuntimeEvent) -> Iterable[Detection]:
         p = event.process
         data = event.data or {}
+        out: list[Detection] = []
+        if self._held:
+            now = self.ctx.clock()
+            while self._held:
+                key, (deadline, held) = next(iter(self._held.items()))
+                if deadline > now and len(self._held) <= 256:
+                    break
+                del self._held[key]
+                out.append(held)
         if event.kind == "file.modify":
             if data.get("category") == "binary_dir" and data.get("filePath") and data.get("fileOperation") != "delete":
                 key = (self._where(p, data), str(data["filePath"]))
@@ -103,35 +120,46 @@ class NewBinaryDetector(Detector):
                 self._writes.move_to_end(key)
                 while len(self._writes) > self.max_writes:
                     self._writes.popitem(last=False)
-            return ()
+                waiting = self._held.pop(key, None)
+                if waiting is not None:
+                    out.append(self._fill(waiting[1], key))
+            return out
+        if event.kind != "process.exec":
+            return out
         if p is None or p.container is None or not p.executable_path or p.executable_deleted:
-            return ()  # host processes; deleted/memfd executables are the fileless family's
+            return out  # host processes; deleted/memfd executables are the fileless family's
         started = self.ctx.container_start(p)
         if started is None:
-            return ()
+            return out
         changed_ns = max(p.exe_ctime_ns or 0, p.exe_mtime_ns or 0)
         if not changed_ns or changed_ns / 1e9 <= started + START_SLACK:
-            return ()
-        write = self._writes.get((self._where(p, {}), p.executable_path))
-        context: dict[str, Any] = {"modifiedAt": _iso_ns(changed_ns)}
-        if write is not None:
-            writer, when, guessed = write
-            if writer is not None:
-                context["modifyingProcess"] = writer
-            context["modifiedAt"] = iso_time(when)
-            if guessed:
-                context["modifyingProcessGuessed"] = True
-        context["executableCreatedOrModifiedAt"] = _iso_ns(changed_ns)
-        return (
-            Detection(
-                NEW_BINARY,
-                p,
-                context=context,
-                key=(p.executable_path, p.executable_sha256),
-                facts={"modifiedAt": context["modifiedAt"]},
-                time=event.time,
-            ),
+            return out
+        changed = _iso_ns(changed_ns)
+        det = Detection(
+            NEW_BINARY,
+            p,
+            context={"modifiedAt": changed, "executableCreatedOrModifiedAt": changed},
+            key=(p.executable_path, p.executable_sha256),
+            facts={"modifiedAt": changed},
+            time=event.time,
         )
+        key = (self._where(p, {}), p.executable_path)
+        if key in self._writes:
+            out.append(self._fill(det, key))
+        elif os.path.dirname(p.executable_path) not in WATCHED_BINARY_DIRS:
+            out.append(det)  # no file event will come for it: no writer to wait for
+        elif key not in self._held:
+            self._held[key] = (self.ctx.clock() + self.WAIT, det)
+        return out
+
+    def _fill(self, det: Detection, key: tuple[Any, str]) -> Detection:
+        writer, when, guessed = self._writes[key]
+        if writer is not None:
+            det.context["modifyingProcess"] = writer
+        det.context["modifiedAt"] = det.facts["modifiedAt"] = iso_time(when)
+        if guessed:
+            det.context["modifyingProcessGuessed"] = True
+        return det
 
 
 class SuspiciousShellDetector(Detector):

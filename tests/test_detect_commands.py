@@ -253,7 +253,7 @@ def test_commands_staged_in_the_task(task_env: TaskEnv, tmp_path: Path) -> None:
     assert run("worker", ["sh"], stdin="curl -s file:///tmp/p.sh | sh\n") == (0, "payload ran\n")
     # decode-and-execute
     assert run("app", ["sh", "-c", "echo ZWNobyBkZWNvZGVkCg== | base64 -d | sh"]) == (0, "decoded\n")
-    run("app", ["find", "/root", "/home", "-name", "id_rsa"])
+    run("app", ["sh", "-c", "find /root /home -name id_rsa; true"])
     run("app", ["sh", "-c", "mkdir -p /root/.ssh && echo 'ssh-ed25519 AAAAC3 test' >> /root/.ssh/authorized_keys"])
     run("app", ["sh", "-c", "cp /bin/sleep /tmp/helper && chmod u+s /tmp/helper"])
     run("app", ["sh", "-c", "unset HISTFILE; sleep 0.2"])

@@ -153,6 +153,10 @@ class Detector:
     def on_event(self, event: RuntimeEvent) -> Iterable[Detection]:
         raise NotImplementedError
 
+    def tick(self, now: float) -> Iterable[Detection]:
+        """Called about once a second (the agent's flush loop): detections held back that are now due."""
+        return ()
+
     def snapshot(self) -> dict[str, Any]:
         """Counters for the stats log line; override to add some."""
         return {}

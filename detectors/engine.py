@@ -119,7 +119,17 @@ class DetectorEngine:
         return (d.type, container, exe, *d.key)
 
     def flush(self, *, force: bool = False) -> int:
-        return self.aggregator.flush(self.clock(), force=force)
+        """Detections detectors held back that are due, then aggregated updates that are due (all with force)."""
+        now = self.clock()
+        for det in self.detectors:
+            try:
+                for d in det.tick(now if not force else float("inf")):
+                    self.accept(d)
+            except Exception:
+                self.errors[det.name] += 1
+                if self.errors[det.name] == 1:
+                    log.exception("detector failed; it keeps running", extra={"detector": det.name})
+        return self.aggregator.flush(now, force=force)
 
     def snapshot(self) -> dict[str, Any]:
         out: dict[str, Any] = {

@@ -81,8 +81,8 @@ def _iso_ns(ns: int | None) -> str | None:
 class NewBinaryDetector(Detector):
     name = "new_binary"
     types = (NEW_BINARY,)
-    # process.exec and file.modify do the work; the others only let a held detection go when its wait is over
-    kinds = ("process.exec", "file.modify", "process.exit", "net.connect", "net.listen", "dns.query")
+    # a held detection goes out from tick() when its wait is over
+    kinds = ("process.exec", "file.modify")
     WAIT = 3.0  # seconds an exec waits for the file watch's (coalesced, later) event naming the writer
 
     def __init__(self, ctx: DetectorContext, max_writes: int = 4096) -> None:
@@ -104,14 +104,8 @@ class NewBinaryDetector(Detector):
         p = event.process
         data = event.data or {}
         out: list[Detection] = []
-        if self._held:
-            now = self.ctx.clock()
-            while self._held:
-                key, (deadline, held) = next(iter(self._held.items()))
-                if deadline > now and len(self._held) <= 256:
-                    break
-                del self._held[key]
-                out.append(held)
+        if len(self._held) > 256:  # bounded: the oldest goes out without its writer
+            out.extend(self.tick(self.ctx.clock()))
         if event.kind == "file.modify":
             if data.get("category") == "binary_dir" and data.get("filePath") and data.get("fileOperation") != "delete":
                 key = (self._where(p, data), str(data["filePath"]))
@@ -150,6 +144,16 @@ class NewBinaryDetector(Detector):
             out.append(det)  # no file event will come for it: no writer to wait for
         elif key not in self._held:
             self._held[key] = (self.ctx.clock() + self.WAIT, det)
+        return out
+
+    def tick(self, now: float) -> Iterable[Detection]:
+        out: list[Detection] = []
+        while self._held:
+            key, (deadline, held) = next(iter(self._held.items()))
+            if deadline > now and len(self._held) <= 256:
+                break
+            del self._held[key]
+            out.append(held)
         return out
 
     def _fill(self, det: Detection, key: tuple[Any, str]) -> Detection:

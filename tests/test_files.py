@@ -575,7 +575,7 @@ async def test_a_log_rotated_away_and_started_again_is_not_a_truncation(files: F
     await files.execute("app", ["sh", "-c", "echo b >> /var/log/svc.log"])
     await files.wait_for(lambda d: d["fileOperation"] == "rename" and d.get("oldPath") == "/var/log/svc.log")
     await asyncio.sleep(1.5)
-    assert not files.matching(lambda d: d["filePath"] == "/var/log/svc.log" and d.get("truncated"))
+    assert not files.matching(lambda d: d["filePath"] == "/var/log/svc.log" and bool(d.get("truncated")))
     # while a real truncation of the new file is still one
     await files.execute("app", ["sh", "-c", "truncate -s 0 /var/log/svc.log"])
     await files.wait_for(lambda d: d["filePath"] == "/var/log/svc.log" and d.get("truncated") is True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -241,3 +242,16 @@ def test_finding_types_command_prints_the_catalog() -> None:
         [sys.executable, "-m", "sidecar", "finding-types"], capture_output=True, text=True, check=True
     ).stdout
     assert "Execution:Runtime/ReverseShell" in table and "reverse_shell" in table
+
+
+def test_the_readme_policy_example_is_valid() -> None:
+    import yaml
+
+    from detectors.policy import Policy
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = readme.split("<!-- policy-example:start -->")[1].split("<!-- policy-example:end -->")[0]
+    text = block.split("```yaml\n")[1].split("```")[0]
+    policy = Policy.parse(yaml.safe_load(text), source="README.md")
+    assert [s.name for s in policy.threat_lists] == ["our-c2-feed", None]
+    assert "Custom:Runtime/PasteSiteDownload" in policy.custom_types()

@@ -889,6 +889,18 @@ class TaskEnv:
         """`<venv python> -m sidecar <args>` as the sidecar container's main process."""
         return self.start_sidecar_command([SIDECAR_PYTHON, "-m", "sidecar", *args], env)
 
+    def start_detecting(
+        self, out_dir: Path, args: Sequence[str] = (), env: Mapping[str, str] | None = None, *, warmup: float = 1.5
+    ) -> SidecarHandle:
+        """The sidecar with --findings-out and --events-out in `out_dir`, once its process source reported its
+        first process and the other sources had `warmup` seconds for their first pass."""
+        sidecar = self.start_sidecar(
+            ["run", "--findings-out", str(out_dir / "f.jsonl"), "--events-out", str(out_dir / "e.jsonl"), *args], env
+        )
+        sidecar.wait_for_event(lambda e: e["kind"] == "process.exec", timeout=20)
+        time.sleep(warmup)
+        return sidecar
+
     def start_sidecar_command(self, argv: Sequence[str], env: Mapping[str, str] | None = None) -> SidecarHandle:
         """Any command as the sidecar container's main process: same namespaces, cgroup, environment and
         capabilities as the sidecar gets. `env` is added to the container's environment."""

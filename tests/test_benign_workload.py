@@ -8,14 +8,12 @@ entrypoint with `sh -c`, and ordinary DNS lookups answered by a local resolver. 
 
 from __future__ import annotations
 
-import socket
-import struct
-import threading
 import time
 import zipfile
 from pathlib import Path
 from typing import Any
 
+from dns_responder import DnsResponder
 from taskenv import TaskEnv
 
 PY = "/usr/bin/python3"
@@ -37,25 +35,6 @@ BENIGN_NAMES = [
     "registry-1.docker.io",
     "redis-cache.abcdef.0001.use1.cache.amazonaws.com",
 ]
-
-
-def _resolver(stop: threading.Event, ready: threading.Event) -> None:
-    """Answers every A query with 10.0.3.7, on RESOLVER:53 (loopback only)."""
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.bind((RESOLVER, 53))
-    s.settimeout(0.2)
-    ready.set()
-    while not stop.is_set():
-        try:
-            q, addr = s.recvfrom(512)
-        except TimeoutError:
-            continue
-        end = q.index(b"\0", 12) + 5
-        qtype = struct.unpack(">H", q[end - 4 : end - 2])[0]
-        head = q[:2] + b"\x81\x80\x00\x01" + (b"\x00\x01" if qtype == 1 else b"\x00\x00") + b"\x00\x00\x00\x00"
-        answer = b"\xc0\x0c" + struct.pack(">HHIH", 1, 1, 60, 4) + bytes([10, 0, 3, 7]) if qtype == 1 else b""
-        s.sendto(head + q[12:end] + answer, addr)
-    s.close()
 
 
 def make_wheel(dest: Path) -> Path:
@@ -86,10 +65,6 @@ def ours(finding: dict[str, Any]) -> bool:
 
 
 def test_ordinary_work_raises_nothing_medium_or_high(task_env: TaskEnv, tmp_path: Path) -> None:
-    stop, ready = threading.Event(), threading.Event()
-    t = threading.Thread(target=_resolver, args=(stop, ready), daemon=True)
-    t.start()
-    assert ready.wait(5)
     for c in ("app", "worker"):
         task_env.path_in(c, "/etc/resolv.conf").write_text(f"nameserver {RESOLVER}\noptions timeout:1 attempts:1\n")
     make_wheel(task_env.path_in("app", "/tmp"))
@@ -97,12 +72,8 @@ def test_ordinary_work_raises_nothing_medium_or_high(task_env: TaskEnv, tmp_path
     www.mkdir()
     (www / "health").write_text("ok\n")
     (www / "index.html").write_text("<h1>shop</h1>\n" * 50)
-    try:
-        sidecar = task_env.start_sidecar(
-            ["run", "--findings-out", str(tmp_path / "f.jsonl"), "--events-out", str(tmp_path / "e.jsonl")]
-        )
-        sidecar.wait_for_event(lambda e: e["kind"] == "process.exec", timeout=20)
-        time.sleep(1.5)
+    with DnsResponder(RESOLVER, default="10.0.3.7"):
+        sidecar = task_env.start_detecting(tmp_path)
         # an entrypoint script, as images have them, starting a web server
         task_env.run(
             "app",
@@ -176,6 +147,3 @@ def test_ordinary_work_raises_nothing_medium_or_high(task_env: TaskEnv, tmp_path
         assert not loud, loud
         for f in findings:
             print("low-severity finding:", f["type"], f["description"])
-    finally:
-        stop.set()
-        t.join(5)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from findings import container_of, context_of
 from taskenv import SidecarHandle, TaskEnv
 
 from collectors.events import ProcessInfo, RuntimeEvent
@@ -209,23 +210,6 @@ TYPE_OF = {
 }
 
 
-def start(task: TaskEnv, tmp_path: Path) -> SidecarHandle:
-    sidecar = task.start_sidecar(
-        ["run", "--findings-out", str(tmp_path / "f.jsonl"), "--events-out", str(tmp_path / "e.jsonl")]
-    )
-    sidecar.wait_for_event(lambda e: e["kind"] == "process.exec", timeout=20)
-    time.sleep(1.5)
-    return sidecar
-
-
-def ctx(f: dict[str, Any]) -> dict[str, Any]:
-    return dict(f["service"]["runtimeDetails"]["context"])
-
-
-def container_of(f: dict[str, Any]) -> str:
-    return str(f["resource"]["ecsClusterDetails"]["taskDetails"]["containers"][0]["name"])
-
-
 def command_findings(sidecar: SidecarHandle) -> list[dict[str, Any]]:
     return [f for f in sidecar.findings() if f["type"].endswith("Runtime/SuspiciousCommand")]
 
@@ -233,7 +217,7 @@ def command_findings(sidecar: SidecarHandle) -> list[dict[str, Any]]:
 def pattern_is(name: str, container: str) -> Callable[[dict[str, Any]], bool]:
     return lambda f: (
         f["type"].endswith("/SuspiciousCommand")
-        and ctx(f).get("patternName") == name
+        and context_of(f).get("patternName") == name
         and (container_of(f) == container)
     )
 
@@ -245,7 +229,7 @@ def exec_containing(text: str) -> Callable[[dict[str, Any]], bool]:
 def test_commands_staged_in_the_task(task_env: TaskEnv, tmp_path: Path) -> None:
     for c in ("app", "worker"):
         task_env.path_in(c, "/tmp/p.sh").write_text("echo payload ran\n")
-    sidecar = start(task_env, tmp_path)
+    sidecar = task_env.start_detecting(tmp_path)
     run = task_env.run
     # one-shot download-and-execute: the sh -c holds the whole line
     assert run("app", ["sh", "-c", "curl -s file:///tmp/p.sh | sh"]) == (0, "payload ran\n")
@@ -266,15 +250,16 @@ def test_commands_staged_in_the_task(task_env: TaskEnv, tmp_path: Path) -> None:
     for name, f in found.items():
         Finding.model_validate(f)
         assert (f["type"], f["severity"]) == TYPE_OF[name], name
-    assert ctx(found["download_pipe_to_shell"])["commandLineExample"] == "sh -c curl -s file:///tmp/p.sh | sh"
-    assert ctx(found["decode_pipe_to_shell"])["commandLineExample"].endswith("| base64 -d | sh")
-    assert ctx(prompt)["commandLineExample"] == "curl -s file:///tmp/p.sh | sh"
+    assert context_of(found["download_pipe_to_shell"])["commandLineExample"] == "sh -c curl -s file:///tmp/p.sh | sh"
+    assert context_of(found["decode_pipe_to_shell"])["commandLineExample"].endswith("| base64 -d | sh")
+    assert context_of(prompt)["commandLineExample"] == "curl -s file:///tmp/p.sh | sh"
     assert prompt["severity"] == 8.0
     assert prompt["service"]["runtimeDetails"]["process"]["executablePath"] == "/usr/bin/dash"
     assert (
-        ctx(found["setuid_bit_set"])["commandLineExample"] == "sh -c cp /bin/sleep /tmp/helper && chmod u+s /tmp/helper"
+        context_of(found["setuid_bit_set"])["commandLineExample"]
+        == "sh -c cp /bin/sleep /tmp/helper && chmod u+s /tmp/helper"
     )
-    assert ctx(found["firewall_disabled"])["commandLineExample"] == "sh -c chmod +x /tmp/ufw && /tmp/ufw disable"
+    assert context_of(found["firewall_disabled"])["commandLineExample"] == "sh -c chmod +x /tmp/ufw && /tmp/ufw disable"
 
     # benign look-alikes, in "worker" (where only the prompt pipeline fired). Each ends with a marker sleep: a
     # short-lived program can exit before the process poller reads it, the shell that ran it (and the marker) cannot.
@@ -299,8 +284,10 @@ def test_commands_staged_in_the_task(task_env: TaskEnv, tmp_path: Path) -> None:
             run("worker", [*argv[:-1], f"{argv[-1]}; {marker}"])
         sidecar.wait_for_event(exec_containing(marker), timeout=15)
     time.sleep(1.5)
-    worker = {(f["type"], ctx(f)["patternName"]) for f in command_findings(sidecar) if container_of(f) == "worker"}
+    worker = {
+        (f["type"], context_of(f)["patternName"]) for f in command_findings(sidecar) if container_of(f) == "worker"
+    }
     assert worker == {("Execution:Runtime/SuspiciousCommand", "download_pipe_to_shell")}
-    app = {ctx(f)["patternName"] for f in command_findings(sidecar) if container_of(f) == "app"}
+    app = {context_of(f)["patternName"] for f in command_findings(sidecar) if container_of(f) == "app"}
     assert app == set(TYPE_OF)
     assert sidecar.stop() == 0

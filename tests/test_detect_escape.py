@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from taskenv import ContainerSpec, SidecarHandle, TaskEnv
+from findings import container_of, context_of, process_of
+from taskenv import ContainerSpec, TaskEnv
 
 from collectors.events import RuntimeEvent
 from collectors.kernel_traces import KernelTraceCollector
@@ -65,31 +66,9 @@ HOLD_OPEN = "import os, sys, time; fd = os.open(sys.argv[1], {'w': os.O_WRONLY, 
 HOLD_OPEN += "time.sleep(40)"
 
 
-def start(task: TaskEnv, tmp_path: Path) -> SidecarHandle:
-    sidecar = task.start_sidecar(
-        ["run", "--findings-out", str(tmp_path / "f.jsonl"), "--events-out", str(tmp_path / "e.jsonl")]
-    )
-    sidecar.wait_for_event(lambda e: e["kind"] == "process.exec", timeout=20)
-    time.sleep(1.5)
-    return sidecar
-
-
 def ok(task: TaskEnv, container: str, argv: list[str]) -> None:
     rc, out = task.run(container, argv)
     assert rc == 0, (argv, rc, out)
-
-
-def ctx_of(f: dict[str, Any]) -> dict[str, Any]:
-    return dict(f["service"]["runtimeDetails"].get("context") or {})
-
-
-def proc_of(f: dict[str, Any]) -> dict[str, Any]:
-    return dict(f["service"]["runtimeDetails"].get("process") or {})
-
-
-def container_of(f: dict[str, Any]) -> str | None:
-    containers = f["resource"]["ecsClusterDetails"]["taskDetails"].get("containers") or []
-    return containers[0]["name"] if containers else None
 
 
 def valid(f: dict[str, Any]) -> dict[str, Any]:
@@ -98,7 +77,7 @@ def valid(f: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_docker_socket_and_runc_overwrite_vs_look_alikes(task_env: TaskEnv, tmp_path: Path) -> None:
-    sidecar = start(task_env, tmp_path)
+    sidecar = task_env.start_detecting(tmp_path)
     # benign: another unix socket; an ordinary script written and made executable; runc opened for reading
     task_env.spawn("worker", [PY, "-c", LISTEN, "/run/app.sock"])
     task_env.spawn("worker", [PY, "-c", CONNECT, "/run/app.sock"])
@@ -110,36 +89,37 @@ def test_docker_socket_and_runc_overwrite_vs_look_alikes(task_env: TaskEnv, tmp_
     client = task_env.spawn("app", [PY, "-c", CONNECT, "/run/docker.sock"])
     f = valid(sidecar.wait_for_finding(lambda f: f["type"] == escape.DOCKER_SOCKET, timeout=20))
     assert f["severity"] == 5.0 and container_of(f) == "app"
-    assert proc_of(f)["namespacePid"] == client and ctx_of(f)["socketPath"] == "/run/docker.sock"
+    assert process_of(f)["namespacePid"] == client and context_of(f)["socketPath"] == "/run/docker.sock"
     # the socket opened to everyone
     ok(task_env, "app", ["chmod", "666", "/run/docker.sock"])
     f = valid(
         sidecar.wait_for_finding(
-            lambda f: f["type"] == escape.DOCKER_SOCKET and ctx_of(f).get("fileOperation") == "attribute", timeout=15
+            lambda f: f["type"] == escape.DOCKER_SOCKET and context_of(f).get("fileOperation") == "attribute",
+            timeout=15,
         )
     )
-    assert container_of(f) == "app" and ctx_of(f)["socketPath"] == "/run/docker.sock"
+    assert container_of(f) == "app" and context_of(f)["socketPath"] == "/run/docker.sock"
 
     # CVE-2019-5736, step one: a binary made to run runc through /proc/self/exe
     ok(task_env, "app", ["sh", "-c", "printf '#!/proc/self/exe\\n' > /tmp/sh && chmod +x /tmp/sh"])
     f = valid(sidecar.wait_for_finding(lambda f: f["type"] == escape.RUNC_ESCAPE, timeout=15))
     assert f["severity"] == 8.0 and container_of(f) == "app"
-    assert ctx_of(f)["runcBinaryPath"] == "/tmp/sh" and ctx_of(f)["interpreterLine"] == "#!/proc/self/exe"
+    assert context_of(f)["runcBinaryPath"] == "/tmp/sh" and context_of(f)["interpreterLine"] == "#!/proc/self/exe"
     # step two: runc opened for writing
     shutil.copy("/bin/true", task_env.path_in("app", "/tmp/runc"))
     writer = task_env.spawn("app", [PY, "-c", HOLD_OPEN, "/tmp/runc", "w"])
     f = valid(
         sidecar.wait_for_finding(
-            lambda f: f["type"] == escape.RUNC_ESCAPE and ctx_of(f)["runcBinaryPath"] == "/tmp/runc", timeout=15
+            lambda f: f["type"] == escape.RUNC_ESCAPE and context_of(f)["runcBinaryPath"] == "/tmp/runc", timeout=15
         )
     )
-    assert proc_of(f)["namespacePid"] == writer and ctx_of(f)["accessMode"] == "O_WRONLY"
+    assert process_of(f)["namespacePid"] == writer and context_of(f)["accessMode"] == "O_WRONLY"
 
     time.sleep(2.5)
     findings = sidecar.findings()
-    worker = [(f["type"], ctx_of(f)) for f in findings if container_of(f) == "worker" and f["type"] in ESCAPE_TYPES]
+    worker = [(f["type"], context_of(f)) for f in findings if container_of(f) == "worker" and f["type"] in ESCAPE_TYPES]
     assert worker == []
-    assert all(p.get("namespacePid") != daemon for p in (proc_of(f) for f in findings if f["type"] in ESCAPE_TYPES))
+    assert all(p.get("namespacePid") != daemon for p in (process_of(f) for f in findings if f["type"] in ESCAPE_TYPES))
     # the look-alikes were seen, and judged
     events = sidecar.events()
     assert [e for e in events if e["kind"] == "file.modify" and e.get("filePath") == "/tmp/job.sh"]
@@ -150,7 +130,7 @@ def test_release_agent_and_host_mounts_from_a_privileged_container(
     tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
 ) -> None:
     with TaskEnv(tmp_path_factory.mktemp("task"), [ContainerSpec("ops", caps=None), "app"]) as task:
-        sidecar = start(task, tmp_path)
+        sidecar = task.start_detecting(tmp_path)
         name = f"rtsd-esc-{os.getpid()}-{secrets.token_hex(4)}"
         # benign: a tmpfs scratch mount
         ok(task, "ops", ["sh", "-c", "mkdir -p /tmp/scratch && mount -t tmpfs scratch /tmp/scratch"])
@@ -158,11 +138,12 @@ def test_release_agent_and_host_mounts_from_a_privileged_container(
         try:
             f = valid(
                 sidecar.wait_for_finding(
-                    lambda f: f["type"] == escape.HOST_MOUNT and ctx_of(f).get("mountTarget") == "/tmp/cgrp", timeout=20
+                    lambda f: f["type"] == escape.HOST_MOUNT and context_of(f).get("mountTarget") == "/tmp/cgrp",
+                    timeout=20,
                 )
             )
             assert f["severity"] == 5.0 and container_of(f) == "ops"
-            c = ctx_of(f)
+            c = context_of(f)
             assert (c["fileSystemType"], c["mountKind"], c["mountSource"]) == ("cgroup", "cgroup", "cgroup")
             assert "rw" in c["flags"]
             time.sleep(2.5)  # the file source finds the new hierarchy's release_agent at its next rescan
@@ -170,27 +151,29 @@ def test_release_agent_and_host_mounts_from_a_privileged_container(
             ok(task, "ops", ["sh", "-c", script])
             f = valid(sidecar.wait_for_finding(lambda f: f["type"] == escape.RELEASE_AGENT, timeout=15))
             assert f["severity"] == 8.0 and container_of(f) == "ops"
-            assert ctx_of(f)["releaseAgentPath"] == "/tmp/cgrp/release_agent"
-            if proc_of(f):  # the shell that held it open (the source found it), not a guess
-                assert proc_of(f)["commandLine"] == f"sh -c {script}"
+            assert context_of(f)["releaseAgentPath"] == "/tmp/cgrp/release_agent"
+            if process_of(f):  # the shell that held it open (the source found it), not a guess
+                assert process_of(f)["commandLine"] == f"sh -c {script}"
 
             ok(task, "ops", ["sh", "-c", "mkdir -p /tmp/hx /tmp/p && mount --bind /usr/lib /tmp/hx"])
             f = valid(
                 sidecar.wait_for_finding(
-                    lambda f: f["type"] == escape.HOST_MOUNT and ctx_of(f).get("mountTarget") == "/tmp/hx", timeout=15
+                    lambda f: f["type"] == escape.HOST_MOUNT and context_of(f).get("mountTarget") == "/tmp/hx",
+                    timeout=15,
                 )
             )
-            c = ctx_of(f)
+            c = context_of(f)
             assert (c["mountSource"], c["mountKind"]) == ("/usr/lib", "bind")
             ok(task, "ops", ["mount", "-t", "proc", "proc", "/tmp/p"])
             f = valid(
                 sidecar.wait_for_finding(
-                    lambda f: f["type"] == escape.HOST_MOUNT and ctx_of(f).get("mountTarget") == "/tmp/p", timeout=15
+                    lambda f: f["type"] == escape.HOST_MOUNT and context_of(f).get("mountTarget") == "/tmp/p",
+                    timeout=15,
                 )
             )
-            assert ctx_of(f)["fileSystemType"] == "proc" and ctx_of(f)["mountSource"] == "proc"
+            assert context_of(f)["fileSystemType"] == "proc" and context_of(f)["mountSource"] == "proc"
             time.sleep(2)
-            targets = {ctx_of(f)["mountTarget"] for f in sidecar.findings() if f["type"] == escape.HOST_MOUNT}
+            targets = {context_of(f)["mountTarget"] for f in sidecar.findings() if f["type"] == escape.HOST_MOUNT}
             # no scratch tmpfs, none of the containers' own runtime-made mounts
             assert targets == {"/tmp/cgrp", "/tmp/hx", "/tmp/p"}
             assert [e for e in sidecar.events() if e["kind"] == "mount.add" and e["mountPoint"] == "/tmp/scratch"]
@@ -232,7 +215,7 @@ def test_kernel_module_loaded_on_a_copy_of_proc_modules(tmp_path: Path) -> None:
     assert len(findings) == 1
     f = valid(findings[0])
     assert f["type"] == escape.KERNEL_MODULE and f["severity"] == 8.0
-    assert ctx_of(f) == {"moduleName": "rtsd_rootkit", "taints": "OE"}
+    assert context_of(f) == {"moduleName": "rtsd_rootkit", "taints": "OE"}
     assert "rtsd_rootkit" in f["title"]
     kt.run_pass()
     assert len(findings) == 1

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from taskenv import SidecarHandle, TaskEnv
+from findings import container_of, context_of, process_of
+from taskenv import TaskEnv
 
 from collectors.events import ContainerRef, ProcessInfo, RuntimeEvent
 from collectors.process import ProcessCollector
@@ -108,39 +109,13 @@ DLOPEN = textwrap.dedent(
 MEMORY_TYPES = {t for d in memory.DETECTORS for t in d.types}
 
 
-def start(task: TaskEnv, tmp_path: Path) -> SidecarHandle:
-    sidecar = task.start_sidecar(
-        ["run", "--findings-out", str(tmp_path / "f.jsonl"), "--events-out", str(tmp_path / "e.jsonl")]
-    )
-    sidecar.wait_for_event(lambda e: e["kind"] == "process.exec", timeout=20)
-    time.sleep(1.5)
-    return sidecar
-
-
-def ctx_of(f: dict[str, Any]) -> dict[str, Any]:
-    return dict(f["service"]["runtimeDetails"].get("context") or {})
-
-
-def proc_of(f: dict[str, Any]) -> dict[str, Any]:
-    return dict(f["service"]["runtimeDetails"].get("process") or {})
-
-
-def container_of(f: dict[str, Any]) -> str | None:
-    containers = f["resource"]["ecsClusterDetails"]["taskDetails"].get("containers") or []
-    return containers[0]["name"] if containers else None
-
-
-def of_type(sidecar: SidecarHandle, t: str) -> list[dict[str, Any]]:
-    return [f for f in sidecar.findings() if f["type"] == t]
-
-
 def valid(f: dict[str, Any]) -> dict[str, Any]:
     Finding.model_validate(f)
     return f
 
 
 def test_fileless_injection_ptrace_userfaultfd_vs_look_alikes(task_env: TaskEnv, tmp_path: Path) -> None:
-    sidecar = start(task_env, tmp_path)
+    sidecar = task_env.start_detecting(tmp_path)
     # benign first: a plain process, a read-only look at a child's memory, an eventfd, a program run under strace
     task_env.spawn("worker", ["sleep", "40"])
     task_env.spawn("worker", [PY, "-c", MEM, "r"])
@@ -157,39 +132,39 @@ def test_fileless_injection_ptrace_userfaultfd_vs_look_alikes(task_env: TaskEnv,
 
     f = valid(sidecar.wait_for_finding(lambda f: f["type"] == memory.FILELESS, timeout=20))
     assert f["severity"] == 5.0 and container_of(f) == "app"
-    assert proc_of(f)["namespacePid"] == memfd_pid and proc_of(f)["executablePath"] == "/memfd:payload"
-    assert ctx_of(f) == {"memfd": True, "deleted": True}
+    assert process_of(f)["namespacePid"] == memfd_pid and process_of(f)["executablePath"] == "/memfd:payload"
+    assert context_of(f) == {"memfd": True, "deleted": True}
     # the dropper deletes itself while it runs
     task_env.run("app", ["rm", "/tmp/dropper"])
     f = valid(sidecar.wait_for_finding(lambda f: f["type"] == memory.FILELESS and "dropper" in str(f), timeout=15))
-    assert proc_of(f)["namespacePid"] == dropper and proc_of(f)["executablePath"] == "/tmp/dropper"
-    assert ctx_of(f) == {"memfd": False, "deleted": True}
+    assert process_of(f)["namespacePid"] == dropper and process_of(f)["executablePath"] == "/tmp/dropper"
+    assert context_of(f) == {"memfd": False, "deleted": True}
 
     f = valid(sidecar.wait_for_finding(lambda f: f["type"] == memory.INJECTION_PTRACE, timeout=15))
     assert f["severity"] == 5.0 and container_of(f) == "app"
-    assert proc_of(f)["namespacePid"] == attacher  # the tracer is the finding's process
-    target = ctx_of(f)["targetProcess"]
+    assert process_of(f)["namespacePid"] == attacher  # the tracer is the finding's process
+    target = context_of(f)["targetProcess"]
     assert target["name"] == "sleep" and target["commandLine"] == "sleep 40"
     f = valid(sidecar.wait_for_finding(lambda f: f["type"] == memory.ANTI_DEBUGGING, timeout=15))
     assert f["severity"] == 2.0 and container_of(f) == "app"
-    assert proc_of(f)["commandLine"] == "sleep 41"  # the process that asked to be traced
-    assert ctx_of(f)["tracerProcess"]["namespacePid"] == traceme
+    assert process_of(f)["commandLine"] == "sleep 41"  # the process that asked to be traced
+    assert context_of(f)["tracerProcess"]["namespacePid"] == traceme
 
     f = valid(sidecar.wait_for_finding(lambda f: f["type"] == memory.INJECTION_PROC, timeout=15))
     assert f["severity"] == 8.0 and container_of(f) == "app"
-    assert proc_of(f)["namespacePid"] == writer
-    c = ctx_of(f)
+    assert process_of(f)["namespacePid"] == writer
+    c = context_of(f)
     assert c["targetProcess"]["commandLine"] == "sleep 42" and c["accessMode"] == "O_RDWR"
     assert c["path"] == f"/proc/{c['targetProcess']['namespacePid']}/mem"
 
     f = valid(sidecar.wait_for_finding(lambda f: f["type"] == memory.USERFAULTFD, timeout=15))
-    assert f["severity"] == 5.0 and container_of(f) == "app" and proc_of(f)["namespacePid"] == uffd
-    assert isinstance(ctx_of(f)["fd"], int)
+    assert f["severity"] == 5.0 and container_of(f) == "app" and process_of(f)["namespacePid"] == uffd
+    assert isinstance(context_of(f)["fd"], int)
 
     time.sleep(2.5)  # a few more passes
     findings = sidecar.findings()
     assert not [f for f in findings if container_of(f) == "worker" and f["type"] in MEMORY_TYPES], [
-        (f["type"], proc_of(f).get("commandLine")) for f in findings if container_of(f) == "worker"
+        (f["type"], process_of(f).get("commandLine")) for f in findings if container_of(f) == "worker"
     ]
     # one finding per activity, however many passes saw it
     assert len({f["id"] for f in findings if f["type"] == memory.INJECTION_PTRACE}) == 1
@@ -216,7 +191,7 @@ def test_new_libraries_vs_an_image_library_preloaded(task_env: TaskEnv, tmp_path
     image_lib = IMAGE_LIB or "/usr/lib/aarch64-linux-gnu/liblzma.so.5"
     if not Path(image_lib).exists():
         pytest.fail(f"{image_lib} missing: the benign preload needs a library that is part of the image")
-    sidecar = start(task_env, tmp_path)
+    sidecar = task_env.start_detecting(tmp_path)
     for name in ("hook", "fresh"):
         shutil.copy(compile_library(tmp_path, name), task_env.path_in("app", f"/tmp/{name}.so"))
     # benign: the image's own library preloaded (as images preload jemalloc), and dlopen'd by its bare name
@@ -226,12 +201,12 @@ def test_new_libraries_vs_an_image_library_preloaded(task_env: TaskEnv, tmp_path
     dlopened = task_env.spawn("app", [PY, "-c", DLOPEN, "/tmp/fresh.so"])
 
     f = valid(sidecar.wait_for_finding(lambda f: f["type"] == memory.NEW_LIBRARY and "hook.so" in str(f), timeout=20))
-    assert f["severity"] == 5.0 and container_of(f) == "app" and proc_of(f)["namespacePid"] == preloaded
-    c = ctx_of(f)
+    assert f["severity"] == 5.0 and container_of(f) == "app" and process_of(f)["namespacePid"] == preloaded
+    c = context_of(f)
     assert c["libraryPath"] == "/tmp/hook.so" and c["ldPreloadValue"] == "/tmp/hook.so" and c["reason"] == "ld_preload"
     f = valid(sidecar.wait_for_finding(lambda f: f["type"] == memory.NEW_LIBRARY and "fresh.so" in str(f), timeout=20))
-    assert proc_of(f)["namespacePid"] == dlopened
-    c = ctx_of(f)
+    assert process_of(f)["namespacePid"] == dlopened
+    c = context_of(f)
     assert c["libraryPath"] == "/tmp/fresh.so" and c["reason"] == "new_file" and c["ldPreloadValue"] is None
     time.sleep(2.5)
     assert not [f for f in sidecar.findings() if container_of(f) == "worker"]
@@ -348,14 +323,14 @@ def test_preload_rules_on_a_real_process(sleeper: ProcessInfo, tmp_path: Path) -
     # a preload that is not in the container's files (the path is seen through /proc/<pid>/root): deleted since
     missing = str(tmp_path / "gone.so")
     lib(boxed, libraryPath=missing, reason="ld_preload", newFile=None, ldPreloadValue=missing)
-    assert [ctx_of(f)["reason"] for f in e.findings] == ["ld_preload_missing"]
-    assert ctx_of(e.findings[0])["ldPreloadValue"] == missing
+    assert [context_of(f)["reason"] for f in e.findings] == ["ld_preload_missing"]
+    assert context_of(e.findings[0])["ldPreloadValue"] == missing
     # on a host, a system library newer than boot is an upgrade; in a container it is news
     host = _as(sleeper, container=None)
     lib(host, libraryPath="/usr/lib/x86_64-linux-gnu/libssl.so.3", reason="new_file", newFile=True)
     assert len(e.findings) == 1
     lib(boxed, libraryPath="/usr/lib/x86_64-linux-gnu/libssl.so.3", reason="new_file", newFile=True)
     lib(host, libraryPath="/tmp/x.so", reason="memfd", newFile=None)
-    assert [ctx_of(f)["reason"] for f in e.findings[1:]] == ["new_file", "memfd"]
+    assert [context_of(f)["reason"] for f in e.findings[1:]] == ["new_file", "memfd"]
     for f in e.findings:
         valid(f)

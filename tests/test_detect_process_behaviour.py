@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from findings import container_of, context_of, of_type
 from taskenv import SidecarHandle, TaskEnv
 
 from collectors.events import ContainerRef, ProcessInfo, RuntimeEvent
@@ -30,29 +31,8 @@ ELEVATION = "PrivilegeEscalation:Runtime/ElevationToRoot"
 PY = "/usr/bin/python3"
 
 
-def start(task: TaskEnv, tmp_path: Path) -> SidecarHandle:
-    sidecar = task.start_sidecar(
-        ["run", "--findings-out", str(tmp_path / "f.jsonl"), "--events-out", str(tmp_path / "e.jsonl")]
-    )
-    sidecar.wait_for_event(lambda e: e["kind"] == "process.exec", timeout=20)
-    time.sleep(1.5)
-    return sidecar
-
-
-def ctx(f: dict[str, Any]) -> dict[str, Any]:
-    return dict(f["service"]["runtimeDetails"]["context"])
-
-
 def proc(f: dict[str, Any]) -> dict[str, Any]:
     return dict(f["service"]["runtimeDetails"]["process"])
-
-
-def container_of(f: dict[str, Any]) -> str:
-    return str(f["resource"]["ecsClusterDetails"]["taskDetails"]["containers"][0]["name"])
-
-
-def of_type(sidecar: SidecarHandle, t: str) -> list[dict[str, Any]]:
-    return [f for f in sidecar.findings() if f["type"] == t]
 
 
 def exec_containing(text: str) -> Callable[[dict[str, Any]], bool]:
@@ -88,7 +68,7 @@ def test_new_binary_and_elevation_to_root(task_env: TaskEnv, tmp_path: Path) -> 
         pytest.fail(f"could not mount a suid-capable tmpfs in the app container: {done.stderr}")
     task_env.path_in("worker", "/tmp/job.py").write_text("import time\ntime.sleep(0.5)\n")
     task_env.path_in("worker", "/tmp/dropper.py").write_text(DROPPER)
-    sidecar = start(task_env, tmp_path)
+    sidecar = task_env.start_detecting(tmp_path)
     run = task_env.run
 
     # a binary dropped after the container started (by a dropper that holds it open a moment), then run
@@ -97,10 +77,10 @@ def test_new_binary_and_elevation_to_root(task_env: TaskEnv, tmp_path: Path) -> 
     nb = sidecar.wait_for_finding(lambda f: f["type"] == NEW_BINARY and proc(f)["executablePath"] == "/tmp/dropped", 20)
     Finding.model_validate(nb)
     assert nb["severity"] == 5.0 and container_of(nb) == "worker"
-    writer = ctx(nb)["modifyingProcess"]
+    writer = context_of(nb)["modifyingProcess"]
     assert (writer["name"], writer["commandLine"]) == ("python3", f"{PY} /tmp/dropper.py")
-    assert "modifyingProcessGuessed" not in ctx(nb)
-    assert ctx(nb)["modifiedAt"].endswith("Z")
+    assert "modifyingProcessGuessed" not in context_of(nb)
+    assert context_of(nb)["modifiedAt"].endswith("Z")
 
     # setuid copy of dash, run by an unprivileged user
     assert run("app", ["sh", "-c", "cp /bin/dash /opt/suid/x && chmod 4755 /opt/suid/x"])[0] == 0
@@ -110,7 +90,7 @@ def test_new_binary_and_elevation_to_root(task_env: TaskEnv, tmp_path: Path) -> 
     Finding.model_validate(el)
     assert el["severity"] == 5.0 and container_of(el) == "app"
     assert proc(el)["executablePath"] == "/opt/suid/x" and proc(el)["userId"] == 1000 and proc(el)["euid"] == 0
-    c = ctx(el)
+    c = context_of(el)
     assert (c["oldUid"], c["oldEuid"], c["newUid"], c["newEuid"]) == (1000, 1000, 1000, 0)
     assert c["setuidExecutable"] is True
 
@@ -177,7 +157,7 @@ def _free_port() -> int:
 def test_shell_created_by_a_network_facing_process(task_env: TaskEnv, tmp_path: Path) -> None:
     for c in ("app", "worker"):
         task_env.path_in(c, "/tmp/server.py").write_text(SERVER)
-    sidecar = start(task_env, tmp_path)
+    sidecar = task_env.start_detecting(tmp_path)
     bad, good = _free_port(), _free_port()
     task_env.spawn("app", [PY, "/tmp/server.py", str(bad), "shell"])
     task_env.spawn("worker", [PY, "/tmp/server.py", str(good), "oneshot"])
@@ -187,9 +167,9 @@ def test_shell_created_by_a_network_facing_process(task_env: TaskEnv, tmp_path: 
     f = sidecar.wait_for_finding(lambda f: f["type"] == SHELL_CREATED, timeout=20)
     Finding.model_validate(f)
     assert f["severity"] == 2.0 and container_of(f) == "app"
-    assert proc(f)["executablePath"] == "/usr/bin/dash" and ctx(f)["commandLineExample"] == "sh -i"
-    assert ctx(f)["parentProcess"]["executablePath"] == "/usr/bin/python3.11"
-    assert f"127.0.0.1:{bad}" in ctx(f)["networkFacing"] or f"port {bad}" in ctx(f)["networkFacing"]
+    assert proc(f)["executablePath"] == "/usr/bin/dash" and context_of(f)["commandLineExample"] == "sh -i"
+    assert context_of(f)["parentProcess"]["executablePath"] == "/usr/bin/python3.11"
+    assert f"127.0.0.1:{bad}" in context_of(f)["networkFacing"] or f"port {bad}" in context_of(f)["networkFacing"]
 
     # benign: the worker's server ran only `sh -c`; an interactive shell whose parent does not listen
     run_ok = task_env.run("worker", ["sh", "-i"], stdin="sleep 0.3\n")

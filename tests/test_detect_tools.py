@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from findings import context_of
 from taskenv import SidecarHandle, TaskEnv
 
 from collectors.events import ProcessInfo, RuntimeEvent
@@ -139,21 +140,8 @@ def test_catalog_validation_errors(text: str, message: str) -> None:
 # -- staged in the emulated task ----------------------------------------------------------------------------------
 
 
-def start(task: TaskEnv, tmp_path: Path) -> SidecarHandle:
-    sidecar = task.start_sidecar(
-        ["run", "--findings-out", str(tmp_path / "f.jsonl"), "--events-out", str(tmp_path / "e.jsonl")]
-    )
-    sidecar.wait_for_event(lambda e: e["kind"] == "process.exec", timeout=20)
-    time.sleep(1.5)
-    return sidecar
-
-
 def tool_findings(sidecar: SidecarHandle) -> list[dict[str, Any]]:
     return [f for f in sidecar.findings() if f["type"] == TYPE]
-
-
-def ctx(f: dict[str, Any]) -> dict[str, Any]:
-    return dict(f["service"]["runtimeDetails"]["context"])
 
 
 def exe_of(f: dict[str, Any]) -> str:
@@ -178,33 +166,33 @@ def run_until_seen(task: TaskEnv, sidecar: SidecarHandle, container: str, argv: 
 
 
 def test_tools_staged_in_the_task(task_env: TaskEnv, tmp_path: Path) -> None:
-    sidecar = start(task_env, tmp_path)
+    sidecar = task_env.start_detecting(tmp_path)
     run = task_env.run
     # a dual-use scanner dropped under its own name (a copy of sleep): Low
     assert run("app", ["sh", "-c", "cp /bin/sleep /tmp/nmap && /tmp/nmap 0.5"])[0] == 0
     nmap = sidecar.wait_for_finding(lambda f: f["type"] == TYPE and exe_of(f) == "/tmp/nmap", timeout=20)
     Finding.model_validate(nmap)
     assert nmap["severity"] == 2.0 and nmap["resource"]["ecsClusterDetails"]["taskDetails"]["containers"][0]["name"]
-    assert ctx(nmap)["toolName"] == "nmap" and ctx(nmap)["toolCategory"] == "scanner"
-    assert ctx(nmap)["commandLineExample"] == "/tmp/nmap 0.5"
+    assert context_of(nmap)["toolName"] == "nmap" and context_of(nmap)["toolCategory"] == "scanner"
+    assert context_of(nmap)["commandLineExample"] == "/tmp/nmap 0.5"
     # an offensive enumeration script run by sh: High
     Path(task_env.path_in("app", "/tmp/linpeas.sh")).write_text("sleep 0.5\n")
     assert run("app", ["sh", "/tmp/linpeas.sh"])[0] == 0
-    lin = sidecar.wait_for_finding(lambda f: f["type"] == TYPE and ctx(f)["toolName"] == "LinPEAS", timeout=20)
-    assert lin["severity"] == 8.0 and ctx(lin)["toolCategory"] == "recon"
-    assert ctx(lin)["commandLineExample"] == "sh /tmp/linpeas.sh"
+    lin = sidecar.wait_for_finding(lambda f: f["type"] == TYPE and context_of(f)["toolName"] == "LinPEAS", timeout=20)
+    assert lin["severity"] == 8.0 and context_of(lin)["toolCategory"] == "recon"
+    assert context_of(lin)["commandLineExample"] == "sh /tmp/linpeas.sh"
     # a renamed miner (a real binary, dash, called kworker) recognised by its XMRig options
     miner_cmd = ["/tmp/kworker", "-c", "sleep 0.5; :", "x", "--donate-level", "1", "-o", "pool.example:3333"]
     assert run("worker", ["sh", "-c", "cp /bin/dash /tmp/kworker"])[0] == 0
     assert run("worker", miner_cmd)[0] == 0
     miner = sidecar.wait_for_finding(lambda f: f["type"] == TYPE and exe_of(f) == "/tmp/kworker", timeout=20)
-    assert miner["severity"] == 8.0 and ctx(miner)["toolCategory"] == "miner"
-    assert "--donate-level 1" in ctx(miner)["commandLineExample"]
+    assert miner["severity"] == 8.0 and context_of(miner)["toolCategory"] == "miner"
+    assert "--donate-level 1" in context_of(miner)["commandLineExample"]
     # netcat listening (a script named nc, as a shebang file): dual-use, Low
     Path(task_env.path_in("worker", "/tmp/nc")).write_text("#!/bin/sh\nsleep 0.5\n")
     assert run("worker", ["sh", "-c", "chmod +x /tmp/nc && /tmp/nc -lvnp 4444"])[0] == 0
-    nc = sidecar.wait_for_finding(lambda f: f["type"] == TYPE and ctx(f)["toolName"] == "netcat", timeout=20)
-    assert nc["severity"] == 2.0 and "-lvnp 4444" in ctx(nc)["commandLineExample"]
+    nc = sidecar.wait_for_finding(lambda f: f["type"] == TYPE and context_of(f)["toolName"] == "netcat", timeout=20)
+    assert nc["severity"] == 2.0 and "-lvnp 4444" in context_of(nc)["commandLineExample"]
 
     # benign look-alikes, each seen by the sidecar (its exec event) and none a finding
     Path(task_env.path_in("app", "/tmp/nc")).write_text("#!/bin/sh\nsleep 0.5\n")
@@ -221,7 +209,7 @@ def test_tools_staged_in_the_task(task_env: TaskEnv, tmp_path: Path) -> None:
     for container, argv, text in benign:
         run_until_seen(task_env, sidecar, container, argv, text)
     time.sleep(1.5)
-    found = {(ctx(f)["toolName"], exe_of(f)) for f in tool_findings(sidecar)}
+    found = {(context_of(f)["toolName"], exe_of(f)) for f in tool_findings(sidecar)}
     assert found == {
         ("nmap", "/tmp/nmap"),
         ("LinPEAS", "/usr/bin/dash"),

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import socket
-import struct
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from dns_responder import DnsResponder
 from taskenv import SidecarHandle, TaskEnv
 
 PY = "/usr/bin/python3"  # the containers' /usr is the host's, read-only
@@ -96,30 +95,8 @@ def test_sensitive_file_and_fileless_exec(task_env: TaskEnv, tmp_path: Path) -> 
     assert sidecar.stop() == 0
 
 
-def _dns_responder(stop: threading.Event, ready: threading.Event) -> None:
-    """Answers every A query with 10.11.12.13, on 127.0.0.77:53 (loopback only)."""
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.bind(("127.0.0.77", 53))
-    s.settimeout(0.2)
-    ready.set()
-    while not stop.is_set():
-        try:
-            q, addr = s.recvfrom(512)
-        except TimeoutError:
-            continue
-        qid = q[:2]
-        question = q[12:]
-        answer = b"\xc0\x0c" + struct.pack(">HHIH", 1, 1, 60, 4) + bytes([10, 11, 12, 13])
-        s.sendto(qid + b"\x81\x80\x00\x01\x00\x01\x00\x00\x00\x00" + question + answer, addr)
-    s.close()
-
-
 def test_dns_query_is_seen_with_its_answer_and_process(task_env: TaskEnv, tmp_path: Path) -> None:
-    stop, ready = threading.Event(), threading.Event()
-    t = threading.Thread(target=_dns_responder, args=(stop, ready), daemon=True)
-    t.start()
-    ready.wait(5)
-    try:
+    with DnsResponder("127.0.0.77"):
         sidecar = start(task_env, tmp_path)
         query = (
             "import socket, struct, time; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
@@ -135,6 +112,3 @@ def test_dns_query_is_seen_with_its_answer_and_process(task_env: TaskEnv, tmp_pa
         if q["process"] is not None:  # attribution is best effort (the socket may be closed already)
             assert q["process"]["containerName"] == "app"
         assert sidecar.stop() == 0
-    finally:
-        stop.set()
-        t.join(5)

@@ -15,14 +15,14 @@ import json
 import os
 import shutil
 import socket
-import struct
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from taskenv import SidecarHandle, TaskEnv
+from dns_responder import DnsResponder
+from findings import dns_domain, remote_ip
+from taskenv import TaskEnv
 
 from collectors.events import ContainerRef, ProcessInfo, RuntimeEvent
 from collectors.process_table import ProcessTable
@@ -71,52 +71,6 @@ NX = {DGA_NX_NAME, BENIGN_NX_NAME}
 
 
 # -- staging helpers -------------------------------------------------------------------------------------------
-
-
-def _qname(q: bytes) -> str:
-    labels, i = [], 12
-    while i < len(q) and q[i]:
-        n = q[i]
-        labels.append(q[i + 1 : i + 1 + n].decode("ascii", "replace"))
-        i += 1 + n
-    return ".".join(labels).lower()
-
-
-def _dns_responder(stop: threading.Event, ready: threading.Event) -> None:
-    """Answers A queries on 127.0.0.78:53: ANSWERS by name, NXDOMAIN for NX, 10.11.12.13 for the rest."""
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.bind((RESOLVER, 53))
-    s.settimeout(0.2)
-    ready.set()
-    while not stop.is_set():
-        try:
-            q, addr = s.recvfrom(512)
-        except TimeoutError:
-            continue
-        name = _qname(q)
-        end = 12 + len(q[12:].split(b"\0", 1)[0]) + 1 + 4
-        question = q[12:end]
-        if name in NX:
-            s.sendto(q[:2] + b"\x81\x83\x00\x01\x00\x00\x00\x00\x00\x00" + question, addr)
-            continue
-        ip = socket.inet_aton(ANSWERS.get(name, "10.11.12.13"))
-        answer = b"\xc0\x0c" + struct.pack(">HHIH", 1, 1, 60, 4) + ip
-        s.sendto(q[:2] + b"\x81\x80\x00\x01\x00\x01\x00\x00\x00\x00" + question + answer, addr)
-    s.close()
-
-
-@contextlib.contextmanager
-def dns_responder() -> Iterator[None]:
-    stop, ready = threading.Event(), threading.Event()
-    t = threading.Thread(target=_dns_responder, args=(stop, ready), daemon=True)
-    t.start()
-    if not ready.wait(5):
-        raise AssertionError("the DNS responder did not start")
-    try:
-        yield
-    finally:
-        stop.set()
-        t.join(5)
 
 
 def query_script(names: list[str]) -> str:
@@ -190,28 +144,6 @@ def write_list(tmp_path: Path, ip: str) -> Path:
     return p
 
 
-def start(task_env: TaskEnv, tmp_path: Path, policy: str) -> SidecarHandle:
-    sidecar = task_env.start_sidecar(
-        ["run", "--findings-out", str(tmp_path / "f.jsonl"), "--events-out", str(tmp_path / "e.jsonl")],
-        env={"RUNTIME_SIDECAR_POLICY_FILE": policy},
-    )
-    sidecar.wait_for_event(lambda e: e["kind"] == "process.exec", timeout=20)
-    time.sleep(1.5)
-    return sidecar
-
-
-def of_type(sidecar: SidecarHandle, ftype: str) -> list[dict[str, Any]]:
-    return [f for f in sidecar.findings() if f["type"] == ftype]
-
-
-def dns_domain(f: dict[str, Any]) -> str:
-    return str(f["service"]["action"]["dnsRequestAction"]["domain"])
-
-
-def remote_ip(f: dict[str, Any]) -> str:
-    return str(f["service"]["action"]["networkConnectionAction"]["remoteIpDetails"]["ipAddressV4"])
-
-
 # -- end to end -------------------------------------------------------------------------------------------------
 
 
@@ -253,8 +185,12 @@ def test_lists_dns_connections_miners_tor_and_malware_in_the_task(task_env: Task
     pool_srv = socket.socket()
     pool_srv.bind((POOL_IP, 3333))  # a stratum port
     pool_srv.listen(4)
-    with dns_responder(), listeners(C2_IP, STIX_IP, OTHER_IP, *NET_TYPES) as ports, pool_srv:
-        sidecar = start(task_env, tmp_path, policy)
+    with (
+        DnsResponder(RESOLVER, answers=ANSWERS, nxdomain=NX),
+        listeners(C2_IP, STIX_IP, OTHER_IP, *NET_TYPES) as ports,
+        pool_srv,
+    ):
+        sidecar = task_env.start_detecting(tmp_path, env={"RUNTIME_SIDECAR_POLICY_FILE": policy})
         # benign look-alikes first
         names = [*BENIGN_NAMES, BENIGN_NX_NAME, METADATA_OWN_NAME]
         task_env.run("app", [PY, "-c", query_script(names)], timeout=30)
@@ -275,14 +211,14 @@ def test_lists_dns_connections_miners_tor_and_malware_in_the_task(task_env: Task
         task_env.run("app", ["/tmp/evil", "1"])
         task_env.run("app", ["/tmp/tor", "-c", "import time; time.sleep(1)", "ORPort", "9001"])
 
-        last = sidecar.wait_for_finding(lambda f: dns_domain_or_none(f) == DGA_NX_NAME, timeout=30)
+        last = sidecar.wait_for_finding(lambda f: dns_domain(f) == DGA_NX_NAME, timeout=30)
         for name, (ftype, severity) in TESTER.items():
             f = sidecar.wait_for_finding(for_domain(name), timeout=20)
             assert (f["type"], f["severity"]) == (ftype, severity), name
             Finding.model_validate(f)
             ev = f["service"]["evidence"]["threatIntelligenceDetails"]
             assert ev[0]["threatListName"] == "GuardDutyTesterDomains"
-        pool = sidecar.wait_for_finding(lambda f: dns_domain_or_none(f) == POOL_NAME, timeout=20)
+        pool = sidecar.wait_for_finding(lambda f: dns_domain(f) == POOL_NAME, timeout=20)
         assert pool["type"] == "CryptoCurrency:Runtime/BitcoinTool.B!DNS" and pool["severity"] == 8.0
         assert pool["service"]["evidence"]["threatIntelligenceDetails"][0]["threatListName"] == "MiningPools"
         rebind = sidecar.wait_for_finding(lambda f: f["type"] == threat_intel.REBIND, timeout=20)
@@ -311,7 +247,7 @@ def test_lists_dns_connections_miners_tor_and_malware_in_the_task(task_env: Task
             f = sidecar.wait_for_finding(to_ip(ip), timeout=20)
             assert (f["type"], f["severity"]) == (ftype, severity), ip
             assert f["service"]["evidence"]["threatIntelligenceDetails"][0]["threatListName"] == list_name
-        pool_conn = sidecar.wait_for_finding(lambda f: remote_ip_or_none(f) == POOL_IP, timeout=20)
+        pool_conn = sidecar.wait_for_finding(lambda f: remote_ip(f) == POOL_IP, timeout=20)
         assert pool_conn["type"] == threat_intel.MINING and pool_conn["severity"] == 8.0
         assert pool_conn["service"]["action"]["networkConnectionAction"]["remotePortDetails"]["port"] == 3333
         assert "supportxmr.com" in pool_conn["description"]
@@ -338,36 +274,26 @@ def test_lists_dns_connections_miners_tor_and_malware_in_the_task(task_env: Task
         findings = sidecar.findings()
         assert sidecar.stop() == 0
 
-    domains = {dns_domain_or_none(f) for f in findings}
+    domains = {dns_domain(f) for f in findings}
     for benign in [*BENIGN_NAMES, BENIGN_NX_NAME, METADATA_OWN_NAME]:
         assert benign not in domains, benign
-    assert not [f for f in findings if f["type"] == threat_intel.C2 and remote_ip_or_none(f) == OTHER_IP]
+    assert not [f for f in findings if f["type"] == threat_intel.C2 and remote_ip(f) == OTHER_IP]
     assert len([f for f in findings if f["type"] == threat_intel.TOR_RELAY]) == 1
     assert len([f for f in findings if f["type"] == threat_intel.MINING]) == 2, "the stratum command, the pool"
     assert len([f for f in findings if f["type"] == "Execution:Runtime/MaliciousFileExecuted"]) == 1
     assert len([f for f in findings if f["type"] == threat_intel.C2]) == 2, "one finding per connection"
 
 
-def dns_domain_or_none(f: dict[str, Any]) -> str | None:
-    domain = (f["service"].get("action") or {}).get("dnsRequestAction", {}).get("domain")
-    return str(domain) if domain is not None else None
-
-
 def for_domain(name: str) -> Callable[[dict[str, Any]], bool]:
-    return lambda f: dns_domain_or_none(f) == name
+    return lambda f: dns_domain(f) == name
 
 
 def to_ip(ip: str) -> Callable[[dict[str, Any]], bool]:
-    return lambda f: remote_ip_or_none(f) == ip
+    return lambda f: remote_ip(f) == ip
 
 
 def c2_to(ip: str) -> Callable[[dict[str, Any]], bool]:
-    return lambda f: f["type"] == threat_intel.C2 and remote_ip_or_none(f) == ip
-
-
-def remote_ip_or_none(f: dict[str, Any]) -> str | None:
-    act = (f["service"].get("action") or {}).get("networkConnectionAction") or {}
-    return (act.get("remoteIpDetails") or {}).get("ipAddressV4")
+    return lambda f: f["type"] == threat_intel.C2 and remote_ip(f) == ip
 
 
 def test_trusted_lists_silence_listed_addresses_and_domains(task_env: TaskEnv, tmp_path: Path) -> None:
@@ -378,19 +304,19 @@ def test_trusted_lists_silence_listed_addresses_and_domains(task_env: TaskEnv, t
     policy = write_policy(
         tmp_path, [{"path": str(c2_list), "category": "c2", "name": "OurC2"}], [{"path": str(trusted)}]
     )
-    with dns_responder(), listeners(C2_IP, STIX_IP) as ports:
-        sidecar = start(task_env, tmp_path, policy)
+    with DnsResponder(RESOLVER, answers=ANSWERS, nxdomain=NX), listeners(C2_IP, STIX_IP) as ports:
+        sidecar = task_env.start_detecting(tmp_path, env={"RUNTIME_SIDECAR_POLICY_FILE": policy})
         task_env.run("app", [PY, "-c", query_script(["c2.guarddutyc2activityb.com", "guarddutyphishingactivity.com"])])
         targets = [(C2_IP, ports[C2_IP]), (STIX_IP, ports[STIX_IP])]
         task_env.run("app", [PY, "-c", connect_script(targets)], timeout=30)
         # the untrusted ones fire: the sidecar saw the traffic
-        sidecar.wait_for_finding(lambda f: dns_domain_or_none(f) == "guarddutyphishingactivity.com", timeout=30)
-        sidecar.wait_for_finding(lambda f: f["type"] == threat_intel.C2 and remote_ip_or_none(f) == STIX_IP, 30)
+        sidecar.wait_for_finding(lambda f: dns_domain(f) == "guarddutyphishingactivity.com", timeout=30)
+        sidecar.wait_for_finding(lambda f: f["type"] == threat_intel.C2 and remote_ip(f) == STIX_IP, 30)
         time.sleep(2.0)
         findings = sidecar.findings()
         assert sidecar.stop() == 0
-    assert not [f for f in findings if remote_ip_or_none(f) == C2_IP]
-    assert not [f for f in findings if (dns_domain_or_none(f) or "").endswith("guarddutyc2activityb.com")]
+    assert not [f for f in findings if remote_ip(f) == C2_IP]
+    assert not [f for f in findings if (dns_domain(f) or "").endswith("guarddutyc2activityb.com")]
 
 
 # -- pattern logic on hand-built events ---------------------------------------------------------------------------

@@ -332,12 +332,7 @@ def test_rules_and_exceptions_in_the_task(task_env: TaskEnv, tmp_path: Path) -> 
         fake = task_env.path_in(c, "/tmp/curl")
         fake.write_bytes(Path("/bin/sh").read_bytes())
         fake.chmod(0o755)
-    sidecar = task_env.start_sidecar(
-        ["run", "--findings-out", str(tmp_path / "f.jsonl"), "--events-out", str(tmp_path / "e.jsonl")],
-        env={"RUNTIME_SIDECAR_POLICY_FILE": str(policy)},
-    )
-    sidecar.wait_for_event(lambda e: e["kind"] == "process.exec", timeout=20)
-    time.sleep(1.5)
+    sidecar = task_env.start_detecting(tmp_path, env={"RUNTIME_SIDECAR_POLICY_FILE": str(policy)})
     # a benign fetch that the rule must not match, then the one it must
     task_env.run("app", ["/tmp/curl", "-c", "sleep 0.3; true", "https://example.com/"])
     task_env.run("app", ["/tmp/curl", "-c", "sleep 0.5; true", "https://pastebin.com/raw/abc"])

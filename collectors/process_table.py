@@ -10,7 +10,7 @@ kernel would have to hold more processes than that) and the exited set by
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from collectors.events import ProcessInfo
 
@@ -81,13 +81,20 @@ class ProcessTable:
             return None
         return self._by_uuid.get(info.parent_uuid)
 
-    def lineage(self, info: ProcessInfo, max_depth: int = 64) -> list[ProcessInfo]:
-        """Ancestors of ``info``, nearest first (its parent, grandparent, ...)."""
+    def lineage(
+        self,
+        info: ProcessInfo,
+        max_depth: int = 64,
+        parent: Callable[[ProcessInfo], ProcessInfo | None] | None = None,
+    ) -> list[ProcessInfo]:
+        """Ancestors of ``info``, nearest first (its parent, grandparent, ...); ``parent`` finds each one
+        (default: by parent uuid)."""
+        up = parent or self.parent_of
         out: list[ProcessInfo] = []
         seen = {info.uuid}
-        cur = self.parent_of(info)
+        cur = up(info)
         while cur is not None and len(out) < max_depth and cur.uuid not in seen:
             out.append(cur)
             seen.add(cur.uuid)
-            cur = self.parent_of(cur)
+            cur = up(cur)
         return out

@@ -10,6 +10,7 @@ the :class:`~detectors.engine.DetectorEngine` does that for all of them.
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -130,14 +131,7 @@ class DetectorContext:
         return parent
 
     def lineage(self, info: ProcessInfo, max_depth: int = 16) -> list[ProcessInfo]:
-        out: list[ProcessInfo] = []
-        seen = {info.uuid}
-        cur = self.parent(info)
-        while cur is not None and len(out) < max_depth and cur.uuid not in seen:
-            out.append(cur)
-            seen.add(cur.uuid)
-            cur = self.parent(cur)
-        return out
+        return self.table.lineage(info, max_depth, parent=self.parent)
 
 
 class Detector:
@@ -163,6 +157,29 @@ class Detector:
 
 
 # -- helpers detectors share ------------------------------------------------------------------------------------
+
+
+# Shells, and interpreters that run a script or a -c/-e program: what a reverse shell, a dropped script
+# or a typed pipeline runs in. busybox is not here: its applets (wget, nc) are not shells; busybox sh has comm "sh".
+SHELL_NAMES = frozenset(
+    {"sh", "bash", "dash", "zsh", "ash", "ksh", "mksh", "pdksh", "csh", "tcsh", "fish", "yash", "rbash"}
+)
+INTERPRETER_NAME = re.compile(
+    r"^(?:(?:python|pypy|perl|ruby|irb|php|php-cgi|lua|luajit|tclsh|expect)[0-9.]*|node|nodejs|deno|bun)$"
+)
+
+
+def process_names(info: ProcessInfo) -> tuple[str, str]:
+    """(comm, executable basename): a renamed copy changes one, a symlinked applet the other."""
+    return info.name or "", os.path.basename(info.executable_path or "")
+
+
+def is_shell(info: ProcessInfo) -> bool:
+    return any(n in SHELL_NAMES for n in process_names(info))
+
+
+def is_interpreter(info: ProcessInfo) -> bool:
+    return any(INTERPRETER_NAME.match(n) for n in process_names(info))
 
 
 def process_details(info: ProcessInfo, lineage: Sequence[ProcessInfo] | None = None) -> dict[str, Any]:

@@ -47,15 +47,13 @@ from typing import Any
 from collectors import procfs
 from collectors.events import ProcessInfo, RuntimeEvent
 from detectors import catalog
-from detectors.base import Detection, Detector, DetectorContext
+from detectors.base import Detection, Detector, DetectorContext, is_interpreter, is_shell
 from detectors.tools import (
     MAX_EXAMPLE,
     CatalogError,
     Program,
     compile_regexes,
     example,
-    is_interpreter,
-    is_shell,
     program_of,
     shell_mode,
 )

@@ -53,7 +53,7 @@ from typing import Any
 
 from collectors.events import ContainerRef, ProcessInfo, RuntimeEvent
 from collectors.process_table import ProcessTable
-from detectors.base import Detection, Detector, process_details
+from detectors.base import Detection, Detector, process_details, process_names
 
 FILELESS = "DefenseEvasion:Runtime/FilelessExecution"
 INJECTION_PROC = "DefenseEvasion:Runtime/ProcessInjection.Proc"
@@ -68,10 +68,6 @@ RUNC_MEMFD_PREFIX = "/memfd:runc_cloned"
 DEBUGGERS = frozenset({"gdb", "strace", "ltrace", "lldb", "lldb-server", "gdbserver", "rr", "dlv"})
 # Where a host's package manager puts libraries: replaced by every upgrade.
 SYSTEM_LIBRARY_DIRS = ("/usr/lib/", "/lib/", "/usr/lib64/", "/lib64/", "/usr/lib32/", "/lib32/", "/usr/libexec/")
-
-
-def _names(info: ProcessInfo) -> tuple[str, str]:
-    return info.name or "", os.path.basename(info.executable_path or "")
 
 
 def _start_time(value: Any) -> float:
@@ -166,7 +162,7 @@ class FilelessDetector(Detector):
         exe = _str(data.get("exePath")) or p.executable_path or ""
         memfd = bool(data.get("memfd")) or exe.startswith("/memfd:")
         deleted = bool(data.get("deleted"))
-        if memfd and exe.startswith(RUNC_MEMFD_PREFIX) and any(n.startswith("runc") for n in _names(p)):
+        if memfd and exe.startswith(RUNC_MEMFD_PREFIX) and any(n.startswith("runc") for n in process_names(p)):
             self.skipped["runc_clone"] += 1
             return ()
         replaced = False
@@ -234,7 +230,7 @@ class PtraceDetector(Detector):
         if tracer is not None and tracer.pid in self.ctx.self_pids:
             return ()
         if data.get("traceMe"):
-            if tracer is not None and any(n in DEBUGGERS for n in _names(tracer)):
+            if tracer is not None and any(n in DEBUGGERS for n in process_names(tracer)):
                 self.skipped["started_by_debugger"] += 1
                 return ()
             context: dict[str, Any] = {"tracerPid": _int(data.get("tracerPid")) or None}

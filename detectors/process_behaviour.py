@@ -52,8 +52,8 @@ from typing import Any
 
 from collectors.events import ProcessInfo, RuntimeEvent, iso_time
 from collectors.files import BINARY, WATCHED
-from detectors.base import Detection, Detector, DetectorContext, process_details
-from detectors.tools import example, is_interactive_flag, is_shell, shell_mode
+from detectors.base import Detection, Detector, DetectorContext, is_shell, process_details
+from detectors.tools import example, is_interactive_flag, shell_mode
 
 NEW_BINARY = "Execution:Runtime/NewBinaryExecuted"
 SHELL_CREATED = "Execution:Runtime/SuspiciousShellCreated"

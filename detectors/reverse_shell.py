@@ -16,34 +16,23 @@ execute it.
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Iterable
 
 from collectors.events import ProcessInfo, RuntimeEvent
-from detectors.base import Detection, Detector, network_action
+from detectors.base import Detection, Detector, is_interpreter, is_shell, network_action, process_names
 
 TYPE = "Execution:Runtime/ReverseShell"
 
-SHELLS = re.compile(r"^(?:sh|bash|dash|zsh|ash|ksh|mksh|pdksh|csh|tcsh|fish|yash|busybox|rbash)$")
-INTERPRETERS = re.compile(
-    r"^(?:(?:python|pypy|perl|ruby|irb|php|php-cgi|lua|luajit|tclsh|expect)[0-9.]*|node|nodejs|deno|bun|[gmn]?awk)$"
-)
+# awk too: `awk '{...system($0)}'` reading a socket on stdin is a shell in all but name
+AWK = re.compile(r"^[gmn]?awk$")
 # Relay tools that can run a program with its stdio on their connection, and the options that make them do it.
 RELAYS = re.compile(r"^(?:socat|ncat|nc|netcat|nc\.traditional|nc\.openbsd|telnet)$")  # busybox nc: comm is "nc"
 RELAY_EXEC = re.compile(r"(?:^|\s)(?:-e|-c|--exec|--sh-exec|--lua-exec)(?:\s|=|$)|\b(?:exec|system):", re.I)
 
 
-def _names(info: ProcessInfo) -> tuple[str, str]:
-    return info.name or "", os.path.basename(info.executable_path or "")
-
-
-def is_shell(info: ProcessInfo) -> bool:
-    return any(SHELLS.match(n) for n in _names(info))
-
-
 def is_shell_or_interpreter(info: ProcessInfo) -> bool:
-    return any(SHELLS.match(n) or INTERPRETERS.match(n) for n in _names(info))
+    return is_shell(info) or is_interpreter(info) or any(AWK.match(n) for n in process_names(info))
 
 
 class ReverseShellDetector(Detector):
@@ -85,7 +74,7 @@ class ReverseShellDetector(Detector):
         if not is_shell(p):
             return ()
         parent = self.ctx.parent(p)
-        if parent is None or not any(RELAYS.match(n) for n in _names(parent)):
+        if parent is None or not any(RELAYS.match(n) for n in process_names(parent)):
             return ()
         if not RELAY_EXEC.search(parent.command_line or ""):
             return ()

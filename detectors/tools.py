@@ -33,13 +33,11 @@ from importlib import resources
 from typing import Any
 
 from collectors.events import ProcessInfo, RuntimeEvent
-from detectors.base import Detection, Detector, DetectorContext
+from detectors.base import Detection, Detector, DetectorContext, is_interpreter, is_shell
 
 TYPE = "Execution:Runtime/SuspiciousTool"
 MAX_EXAMPLE = 1024
 
-SHELLS = frozenset({"sh", "bash", "dash", "zsh", "ash", "ksh", "mksh", "pdksh", "csh", "tcsh", "fish", "yash", "rbash"})
-_INTERPRETER = re.compile(r"^(?:(?:python|pypy|perl|ruby|php|php-cgi|lua|luajit|tclsh)[0-9.]*|node|nodejs|deno|bun)$")
 # interpreter options that take a value (the value is not the script)
 _OPTS_WITH_VALUE = frozenset({"-W", "-X", "-Q", "-I", "-M", "-r", "-d", "-O", "--require", "-o"})
 
@@ -50,14 +48,6 @@ class CatalogError(ValueError):
 
 def _base(path: str | None) -> str:
     return os.path.basename(path or "")
-
-
-def is_shell(info: ProcessInfo) -> bool:
-    return (info.name or "") in SHELLS or _base(info.executable_path) in SHELLS
-
-
-def is_interpreter(info: ProcessInfo) -> bool:
-    return bool(_INTERPRETER.match(info.name or "") or _INTERPRETER.match(_base(info.executable_path)))
 
 
 def argv(info: ProcessInfo) -> list[str]:

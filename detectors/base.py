@@ -229,7 +229,7 @@ def _ip_details(ip: str | None) -> dict[str, Any] | None:
 
 def network_action(data: dict[str, Any]) -> dict[str, Any]:
     """service.action for a connection event (net.connect/accept/syn/stdio_socket fields)."""
-    proto = data.get("protocol") or ("TCP" if data.get("ianaProtocolNumber", 6) == 6 else "UDP")
+    proto = str(data.get("protocol") or ("TCP" if data.get("ianaProtocolNumber", 6) == 6 else "UDP")).upper()
     act: dict[str, Any] = {
         "connectionDirection": data.get("direction") or "UNKNOWN",
         "protocol": proto,

@@ -213,16 +213,9 @@ def command_catalog() -> CommandCatalog:
 
 
 def _fd_link(info: ProcessInfo, fd: int) -> str | None:
-    """readlink /proc/<pid>/fd/<fd> if <pid> is still this process (same start ticks), else None.
-
-    Follows collectors.procfs: the process may be gone or reused at any moment, so every failure is "unknown".
-    """
-    try:
-        if procfs.read_start_ticks(info.pid) != info.start_ticks:
-            return None
-        return os.readlink(f"{procfs.PROC}/{info.pid}/fd/{fd}")
-    except (OSError, procfs.ProcfsError, ValueError):
-        return None
+    """readlink /proc/<pid>/fd/<fd> if <pid> is still this process, else None (collectors.procfs)."""
+    links = procfs.read_fd_links(info.pid, info.start_ticks, (fd,))
+    return links.get(fd) if links is not None else None
 
 
 _SEPARATORS = re.compile(r"&&|\|\||[;|&\n(){}`]|\$\(")

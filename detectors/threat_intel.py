@@ -443,7 +443,7 @@ class TorRelayDetector(_Base):
         data = event.data or {}
         if event.kind == "net.listen":
             local = data.get("localIp")
-            if data.get("protocol", "TCP") != "TCP" or _is_loopback(local):
+            if str(data.get("protocol", "tcp")).lower() != "tcp" or _is_loopback(local):
                 return ()  # a client's SOCKS port on localhost is not a relay
             text = f"listening on {local}:{data.get('localPort')}"
             return (self._detection(p, event, text, key=data.get("localPort"), data=data),)

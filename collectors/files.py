@@ -1004,6 +1004,9 @@ class FileWatchCollector:
             for p in (path, *((extra.get("oldPath"), extra.get("newPath")) if extra else ())):
                 if p:
                     self._sizes.pop((ns.mnt_ns, p), None)
+                    appending = self._pending.get((ns.mnt_ns, p, "write"))
+                    if appending is not None and not appending.emit:
+                        appending.size = None  # its writes went to the file that was there before
         key = (ns.mnt_ns, path, op)
         pending = self._pending.get(key)
         if pending is not None:

@@ -579,3 +579,22 @@ async def test_a_log_rotated_away_and_started_again_is_not_a_truncation(files: F
     # while a real truncation of the new file is still one
     await files.execute("app", ["sh", "-c", "truncate -s 0 /var/log/svc.log"])
     await files.wait_for(lambda d: d["filePath"] == "/var/log/svc.log" and d.get("truncated") is True)
+
+
+ROTATING_HANDLER = """
+import logging, logging.handlers, time
+h = logging.handlers.RotatingFileHandler("/var/log/py.log", maxBytes=3000, backupCount=3)
+log = logging.getLogger("app"); log.addHandler(h); log.setLevel(logging.INFO)
+for i in range(400):
+    log.info("request %d served in 3 ms", i)
+    time.sleep(0.005)
+"""
+
+
+async def test_a_logging_library_rotating_by_size_is_not_a_truncation(files: FileHarness) -> None:
+    """Python's RotatingFileHandler (logback and log4j alike): close, rename to .1, reopen a new file, within
+    the coalescing window of the appends before it."""
+    await files.execute("app", ["/usr/bin/python3", "-c", ROTATING_HANDLER], timeout=30)
+    await files.wait_for(lambda d: d["fileOperation"] == "rename" and d.get("oldPath") == "/var/log/py.log")
+    await asyncio.sleep(1.5)
+    assert not files.matching(lambda d: d["filePath"] == "/var/log/py.log" and bool(d.get("truncated")))

@@ -48,6 +48,8 @@ _V = TypeVar("_V")
 PORT = re.compile(r"^\d{1,5}$")
 # the processes of one typed pipeline start within milliseconds; slack for a loaded machine
 PIPELINE_WINDOW = 3.0
+# a reverse shell's client connects and starts its shell within moments (sock_diag may see it a poll late)
+CONNECT_WINDOW = 5.0
 RELAY_EXEC = re.compile(r"(?:^|\s)(?:-e|-c|--exec|--sh-exec|--lua-exec)(?:\s|=|$)|\b(?:exec|system):", re.I)
 
 
@@ -63,8 +65,8 @@ class ReverseShellDetector(Detector):
     def __init__(self, ctx: DetectorContext, max_tracked: int = 4096) -> None:
         super().__init__(ctx)
         self.max_tracked = max_tracked
-        # processes (uuid) with an outbound TCP connection: the remote end, for the finding
-        self._clients: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        # processes (uuid) with outbound TCP connections: (when seen, the event data), the last few
+        self._clients: OrderedDict[str, list[tuple[float, dict[str, Any]]]] = OrderedDict()
         # processes that listen or accepted: servers, not the client end of a reverse shell
         self._servers: OrderedDict[str, None] = OrderedDict()
         # shells reading stdin by parent uuid, until the parent is known to connect (or not)
@@ -90,6 +92,12 @@ class ReverseShellDetector(Detector):
             "socketFds": data.get("socketFds") or sorted(f.get("fd") for f in network if f.get("fd") is not None),
         }
         endpoint = {**data, **{k: v for k, v in first.items() if v is not None}}
+        if endpoint.get("direction") == "INBOUND":
+            # A shell on a socket a server accepted and handed over: CGI scripts, inetd services. A bind shell's
+            # listener is the shell's own process, or a relay (nc -l -e sh), neither of them a known server.
+            parent = self.ctx.parent(p)
+            if parent is not None and parent.uuid in self._servers and not is_relay(parent):
+                return ()
         return (
             Detection(
                 TYPE,
@@ -97,7 +105,10 @@ class ReverseShellDetector(Detector):
                 context={k: v for k, v in context.items() if v is not None},
                 key=(endpoint.get("remoteIp"),),
                 action=network_action(endpoint),
-                facts={"remoteIp": endpoint.get("remoteIp"), "remotePort": endpoint.get("remotePort")},
+                facts={
+                    "peer": f"{endpoint.get('remoteIp')}:{endpoint.get('remotePort')}",
+                    "via": "its standard input/output are that socket",
+                },
                 time=event.time,
             ),
         )
@@ -109,13 +120,28 @@ class ReverseShellDetector(Detector):
                 return (self._through(p, parent, event),)
             if shell_mode(p) == "stdin":
                 relay = self._sibling(p, is_connecting_relay)
-                if relay is not None:
+                if relay is not None and self._loop_closed(p, relay):
                     return (self._through(p, relay, event),)
         elif is_connecting_relay(p):
             shell = self._sibling(p, lambda s: is_shell(s) and shell_mode(s) == "stdin")
-            if shell is not None:
+            if shell is not None and self._loop_closed(shell, p):
                 return (self._through(shell, p, event),)
         return ()
+
+    def _loop_closed(self, shell: ProcessInfo, relay: ProcessInfo) -> bool:
+        """The pipeline feeds the relay's output back into the shell (through a fifo or a file): the shell does
+        not read what its parent reads, and the relay does not write where its parent writes. A subshell piping
+        into `openssl s_client` or `nc` at a prompt (`(printf 'PING\\r\\n'; sleep 1) | nc redis 6379`) reads and
+        writes the session's own stdin/stdout."""
+        parent = self.ctx.parent(shell)
+        if parent is None:
+            return True
+        mine = procfs.read_fd_links(shell.pid, shell.start_ticks, (0,))
+        theirs = procfs.read_fd_links(relay.pid, relay.start_ticks, (1,))
+        session = procfs.read_fd_links(parent.pid, parent.start_ticks, (0, 1))
+        if mine is None or theirs is None or session is None:
+            return True  # gone already: judge by shape alone
+        return mine.get(0) != session.get(0) and theirs.get(1) != session.get(1)
 
     # -- a shell driven over pipes by a process holding the connection ----------------------------------------
     def _driven_shell(self, p: ProcessInfo, event: RuntimeEvent) -> Iterable[Detection]:
@@ -124,11 +150,19 @@ class ReverseShellDetector(Detector):
         parent = self.ctx.parent(p)
         if parent is None or is_shell(parent) or any(n in TERMINAL_SERVERS for n in process_names(parent)):
             return ()
-        remote = self._clients.get(parent.uuid)
+        remote = self._connected_near(parent.uuid, p.start_time)
         if remote is None:
             _remember(self._shells, parent.uuid, [*self._shells.get(parent.uuid, []), p], self.max_tracked)
             return ()
         return self._judge(p, parent, remote, event)
+
+    def _connected_near(self, uuid: str, when: float) -> dict[str, Any] | None:
+        """A connection of ``uuid`` made around ``when``: a reverse shell connects and starts its shell together;
+        an app feeding scripts to sh over pipes holds pooled connections made long before."""
+        for seen, data in reversed(self._clients.get(uuid, [])):
+            if abs(seen - when) <= CONNECT_WINDOW:
+                return data
+        return None
 
     def _on_net(self, p: ProcessInfo, event: RuntimeEvent) -> Iterable[Detection]:
         data = event.data or {}
@@ -137,11 +171,16 @@ class ReverseShellDetector(Detector):
             return ()
         if data.get("ianaProtocolNumber") != 6 or data.get("direction") != "OUTBOUND":
             return ()
-        _remember(self._clients, p.uuid, data, self.max_tracked)
+        _remember(self._clients, p.uuid, [*self._clients.get(p.uuid, [])[-7:], (event.time, data)], self.max_tracked)
         waiting = self._shells.pop(p.uuid, None)
         if not waiting:
             return ()
-        return [d for shell in waiting if shell.exited_at is None for d in self._judge(shell, p, data, event)]
+        return [
+            d
+            for shell in waiting
+            if shell.exited_at is None and abs(shell.start_time - event.time) <= CONNECT_WINDOW
+            for d in self._judge(shell, p, data, event)
+        ]
 
     def _judge(
         self, shell: ProcessInfo, parent: ProcessInfo, remote: dict[str, Any], event: RuntimeEvent
@@ -161,7 +200,10 @@ class ReverseShellDetector(Detector):
                 context={"relayProcess": parent.name, "relayCommandLine": parent.command_line},
                 key=(remote.get("remoteIp"),),
                 action=network_action(remote),
-                facts={"remoteIp": remote.get("remoteIp"), "remotePort": remote.get("remotePort")},
+                facts={
+                    "peer": f"{remote.get('remoteIp')}:{remote.get('remotePort')}",
+                    "via": f"{parent.name} pumps that connection to the shell's pipes",
+                },
                 time=event.time,
             ),
         )
@@ -188,7 +230,7 @@ class ReverseShellDetector(Detector):
             shell,
             context={"relayProcess": relay.name, "relayCommandLine": relay.command_line},
             key=(relay.command_line,),
-            facts={"remoteIp": "(through " + (relay.name or "a relay") + ")", "remotePort": ""},
+            facts={"peer": f"as given to {relay.name}", "via": f"`{relay.command_line}` relays its input and output"},
             time=event.time,
         )
 

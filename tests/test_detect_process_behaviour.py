@@ -218,3 +218,33 @@ def test_elevation_rules(exe: str, change: tuple[tuple[int, int], tuple[int, int
     assert bool(list(det.on_event(event))) is fires
     # odd input never raises
     assert list(det.on_event(RuntimeEvent("proc.uid_change", _info(exe, *new), data={"oldUid": None}))) == []
+
+
+def test_setuid_root_files_made_at_run_time(task_env: TaskEnv, tmp_path: Path) -> None:
+    """`install -m 4755` and os.chmod(0o4755): no chmod command line to match, the file's mode says it. A setgid
+    shared directory and an ordinary executable are not."""
+    sidecar = task_env.start_detecting(tmp_path)
+    task_env.run("app", ["install", "-m", "4755", "/bin/dash", "/var/tmp/.sh"])
+    task_env.run(
+        "worker",
+        [PY, "-c", "import os, shutil; shutil.copy('/usr/bin/find', '/tmp/.f'); os.chmod('/tmp/.f', 0o4755)"],
+    )
+    # benign: a build artifact made executable, a setgid directory
+    task_env.run("worker", ["sh", "-c", "cp /bin/true /tmp/tool && chmod 755 /tmp/tool && mkdir -m 2775 /tmp/shared"])
+    found = {}
+    for path in ("/var/tmp/.sh", "/tmp/.f"):
+        found[path] = sidecar.wait_for_finding(
+            lambda f, p=path: (
+                f["type"] == "PrivilegeEscalation:Runtime/SuspiciousCommand" and context_of(f).get("filePath") == p
+            ),
+            timeout=20,
+        )
+    time.sleep(1.5)
+    assert sidecar.stop() == 0
+    for f in found.values():
+        Finding.model_validate(f)
+        assert f["severity"] == 5.0
+        assert context_of(f)["patternName"] == "setuid_file_created" and context_of(f)["fileMode"] == "0o4755"
+    assert container_of(found["/var/tmp/.sh"]) == "app" and container_of(found["/tmp/.f"]) == "worker"
+    setuid = [f for f in sidecar.findings() if context_of(f).get("patternName") == "setuid_file_created"]
+    assert {context_of(f)["filePath"] for f in setuid} == {"/var/tmp/.sh", "/tmp/.f"}

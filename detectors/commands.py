@@ -34,6 +34,7 @@ entrypoints, ``chmod 2775`` on shared directories, jemalloc in LD_PRELOAD.
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import re
 import time
@@ -72,7 +73,7 @@ WRAPPERS = frozenset(
 )  # fmt: skip
 PARENTS = frozenset({"shell", "noninteractive"})
 _PATTERN_KEYS = {"name", "type", "level", "mitre", "tactic", "shell", "program", "args", "require", "exclude", "parent"}
-_PIPELINE_KEYS = {"downloaders", "decoders", "stdin_programs", "window_seconds"}
+_PIPELINE_KEYS = {"downloaders", "decoders", "stdin_programs", "pass_through", "window_seconds"}
 PIPE_PATTERNS = {"download": "download_pipe_to_shell", "decode": "decode_pipe_to_shell"}
 
 
@@ -93,12 +94,24 @@ class CommandPattern:
     def accepts(self, text: str) -> bool:
         return all(r.search(text) for r in self.require) and not any(r.search(text) for r in self.exclude)
 
+    def shell_match(self, text: str) -> bool:
+        """A ``shell`` regex matches, and ``require`` holds within the same command list (up to the next top-level
+        ``&&``/``||``): `python3 -c "urlopen(health)" && exec python3 app.py` is a check, then a start, not a
+        fetch-and-exec. ``exclude`` looks at the whole text (a rotation's `mv` before the truncation)."""
+        for r in self.shell:
+            for m in r.finditer(text):
+                clause = _CLAUSE_END.split(text[m.start() :], maxsplit=1)[0]
+                if all(q.search(clause) for q in self.require) and not any(x.search(text) for x in self.exclude):
+                    return True
+        return False
+
 
 @dataclass(frozen=True, slots=True)
 class Pipeline:
     downloaders: frozenset[str]
     decoders: frozenset[str]
     stdin_programs: frozenset[str]
+    pass_through: frozenset[str]
     window: float
 
 
@@ -179,7 +192,7 @@ def parse_commands(text: str, source: str = "commands.toml") -> CommandCatalog:
     if unknown:
         raise CatalogError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
     lists: dict[str, frozenset[str]] = {}
-    for key in ("downloaders", "decoders", "stdin_programs"):
+    for key in ("downloaders", "decoders", "stdin_programs", "pass_through"):
         value = pipe.get(key, [])
         if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
             raise CatalogError(f"{where}: {key} must be a list of program names")
@@ -199,7 +212,9 @@ def parse_commands(text: str, source: str = "commands.toml") -> CommandCatalog:
         by_name=by_name,
         shell_patterns=tuple(p for p in patterns if p.shell),
         by_program={k: tuple(v) for k, v in by_program.items()},
-        pipeline=Pipeline(lists["downloaders"], lists["decoders"], lists["stdin_programs"], float(window)),
+        pipeline=Pipeline(
+            lists["downloaders"], lists["decoders"], lists["stdin_programs"], lists["pass_through"], float(window)
+        ),
     )
 
 
@@ -218,6 +233,7 @@ def _fd_link(info: ProcessInfo, fd: int) -> str | None:
     return links.get(fd) if links is not None else None
 
 
+_CLAUSE_END = re.compile(r"\s(?:&&|\|\|)\s")
 _SEPARATORS = re.compile(r"&&|\|\||[;|&\n(){}`]|\$\(")
 _SKIP_WORDS = frozenset({"sudo", "doas", "nohup", "exec", "env", "command", "builtin", "then", "do", "else", "time",
                          "setsid", "!", "if", "while", "until"})  # fmt: skip
@@ -245,6 +261,25 @@ def _writes_stdout(prog: Program) -> bool:
     return not re.search(r"(?:^|\s)(?:-\w*o\s*(?!-(?:\s|$))\S|-\w*O\b|--output[=\s](?!-)|--remote-name)", args)
 
 
+def _superseded(info: ProcessInfo) -> bool:
+    """The pid has exec'd something else since this image was read (a poller may first catch a pipeline's children
+    as forks of the prompt's shell, `sh`, before they become `curl`, `gunzip`, `bash`): that image is no reader."""
+    try:
+        dfd = procfs.open_pid_dir(info.pid)
+    except (procfs.ProcfsError, OSError):
+        return False
+    try:
+        if procfs.parse_stat(procfs.read_small("stat", dfd))[3] != info.start_ticks:
+            return False
+        raw = procfs.read_all("cmdline", dfd)
+    except (OSError, procfs.ProcfsError, ValueError):
+        return False
+    finally:
+        os.close(dfd)
+    now = [a.decode("utf-8", "surrogateescape") for a in raw.rstrip(b"\0").split(b"\0")] if raw else []
+    return bool(now) and now[:2] != (info.command_line or "").split()[:2]
+
+
 def _reads_program_from_stdin(info: ProcessInfo) -> bool:
     if is_shell(info):
         return shell_mode(info) == "stdin"
@@ -254,11 +289,23 @@ def _reads_program_from_stdin(info: ProcessInfo) -> bool:
     return False
 
 
+def _filters_stdin(prog: Program) -> bool:
+    """A pass-through stage of a pipeline (`| gunzip |`, `| tee /tmp/.t |`, `| tr a-z n-za-m |`): it reads its stdin,
+    not files named in its arguments (`cat /tmp/o.sh | sh` runs a local file, whatever wrote it before)."""
+    words = prog.args.split()
+    if prog.names & {"tee", "tr"}:
+        return True
+    if prog.names & {"gzip", "xz", "bzip2"} and not any(w.startswith("-") and "d" in w for w in words):
+        return False  # compressing, not decompressing
+    return all(w.startswith("-") for w in words)
+
+
 @dataclass(slots=True)
 class _Sibling:
     info: ProcessInfo
-    role: str  # download | decode | reader | "" (another child of the same shell)
+    role: str  # download | decode | reader | pass (a filter between) | "" (another child of the same shell)
     time: float  # start, wall clock
+    reported: bool = False
 
 
 def _start_wall(info: ProcessInfo) -> float:
@@ -274,13 +321,14 @@ def _order(s: _Sibling) -> tuple[int, int]:
     return (s.info.start_ticks, s.info.pid)
 
 
-def _adjacent(group: Iterable[_Sibling], first: _Sibling, second: _Sibling) -> bool:
-    """``first`` was forked right before ``second``: no other child of the shell started between them
-    (`curl url > f; cat f | sh` has cat between curl and sh)."""
+def _between(group: Iterable[_Sibling], first: _Sibling, second: _Sibling) -> list[_Sibling] | None:
+    """The pass-through stages between ``first`` and ``second`` (in order) when only such stages were forked between
+    them, else None (`curl url > f; cat f | sh` has cat, reading a file, between curl and sh)."""
     lo, hi = _order(first), _order(second)
     if lo >= hi:
-        return False
-    return not any(lo < _order(s) < hi for s in group if s is not first and s is not second)
+        return None
+    inside = sorted((s for s in group if lo < _order(s) < hi), key=_order)
+    return inside if all(s.role == "pass" for s in inside) else None
 
 
 class SuspiciousCommandDetector(Detector):
@@ -298,9 +346,10 @@ class SuspiciousCommandDetector(Detector):
         self._siblings: OrderedDict[str, deque[_Sibling]] = OrderedDict()
         self.pipelines = 0
         self.pipe_mismatch = 0
+        self.forked_readers = 0
 
     def snapshot(self) -> dict[str, Any]:
-        return {"pipelines": self.pipelines, "pipeMismatch": self.pipe_mismatch}
+        return {"pipelines": self.pipelines, "pipeMismatch": self.pipe_mismatch, "forkedReaders": self.forked_readers}
 
     def on_event(self, event: RuntimeEvent) -> Iterable[Detection]:
         p = event.process
@@ -313,7 +362,7 @@ class SuspiciousCommandDetector(Detector):
         if shellish:
             cl = p.command_line
             for pat in self.catalog.shell_patterns:
-                if any(r.search(cl) for r in pat.shell) and pat.accepts(cl) and self._parent_ok(p, pat):
+                if pat.shell_match(cl) and self._parent_ok(p, pat):
                     hits.add(pat.name)
                     out.append(self._detection(pat, p, event.time, example(p)))
             # the simple commands of the text: a `chmod u+s x` typed in `sh -c` is judged even if chmod exits
@@ -387,6 +436,8 @@ class SuspiciousCommandDetector(Detector):
             role = "decode"
         elif prog.names & pipe.stdin_programs and _reads_program_from_stdin(p):
             role = "reader"
+        elif prog.names & pipe.pass_through and _filters_stdin(prog):
+            role = "pass"
         group = self._siblings.get(p.parent_uuid)
         if group is None:
             if role is None:
@@ -397,19 +448,30 @@ class SuspiciousCommandDetector(Detector):
         else:
             self._siblings.move_to_end(p.parent_uuid)
         me = _Sibling(p, role or "", _start_wall(p))
+        for old in [s for s in group if s.info.pid == p.pid and s.info.start_ticks == p.start_ticks]:
+            group.remove(old)  # an earlier image of this process (the fork before its exec)
         group.append(me)
         if role is None:
             return []
-        for sib in group:
-            if sib is me or not sib.role or abs(sib.time - me.time) > pipe.window:
+        # the stages may be seen in any order: whichever arrives last completes the pipeline
+        for reader in group:
+            if reader.role != "reader" or reader.reported:
                 continue
-            pair = (sib, me) if role == "reader" else (me, sib)
-            if pair[0].role == "reader" or pair[1].role != "reader" or not _adjacent(group, *pair):
-                continue
-            return self._pipe_hit(pair[0].info, pair[0].role, pair[1].info, now)
+            for source in group:
+                if source.role not in PIPE_PATTERNS or abs(source.time - reader.time) > pipe.window:
+                    continue
+                stages = _between(group, source, reader)
+                if stages is None or not any(s is me for s in (source, reader, *stages)):
+                    continue
+                found = self._pipe_hit(source.info, source.role, [s.info for s in stages], reader.info, now)
+                if found:
+                    reader.reported = True
+                    return found
         return []
 
-    def _pipe_hit(self, source: ProcessInfo, role: str, reader: ProcessInfo, now: float) -> list[Detection]:
+    def _pipe_hit(
+        self, source: ProcessInfo, role: str, stages: list[ProcessInfo], reader: ProcessInfo, now: float
+    ) -> list[Detection]:
         pat = self.catalog.by_name[PIPE_PATTERNS[role]]
         parent = self.ctx.parent(reader)
         if parent is not None and not is_shell(parent):
@@ -419,12 +481,23 @@ class SuspiciousCommandDetector(Detector):
         # `curl url > f; cat f | sh` in a script: curl was over before the reader started
         if source.exited_at is not None and source.exited_at < _start_wall(reader):
             return []
-        out_link, in_link = _fd_link(source, 1), _fd_link(reader, 0)
-        if out_link is not None and in_link is not None and out_link != in_link:
-            self.pipe_mismatch += 1
+        # `curl url | while read id; do ...; done`: the shell reading the pipe is a subshell forked for the loop (its
+        # parent's image, never exec'd), running the typed text, not a program read from the pipe
+        if parent is not None and procfs.forked_from(
+            (reader.pid, reader.start_ticks), (parent.pid, parent.start_ticks)
+        ):
+            self.forked_readers += 1
             return []
+        if _superseded(reader):
+            return []  # its exec'd image will be judged when it is seen
+        chain = [source, *stages, reader]
+        for left, right in itertools.pairwise(chain):
+            out_link, in_link = _fd_link(left, 1), _fd_link(right, 0)
+            if out_link is not None and in_link is not None and out_link != in_link:
+                self.pipe_mismatch += 1
+                return []
         self.pipelines += 1
-        cmd = f"{source.command_line or source.name} | {reader.command_line or reader.name}"
+        cmd = " | ".join(p.command_line or p.name for p in chain)
         return [self._detection(pat, reader, now, cmd[:MAX_EXAMPLE])]
 
 

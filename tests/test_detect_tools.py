@@ -67,8 +67,21 @@ CASES: list[tuple[str, str | None, str | None, tuple[str, str] | None]] = [
      ("cryptocurrency miner (by its command line)", "offensive")),
     ("./a -a rx/0 -o stratum+tcp://h:3333", "/tmp/a", None,
      ("cryptocurrency miner (by its command line)", "offensive")),
+    # a pool login, MinerGate-style, under any name
+    ("/tmp/.k --url=xmr.pool.minergate.com:45700 --user=attacker@protonmail.com --pass=x -B", "/tmp/.k", None,
+     ("cryptocurrency miner (by its command line)", "offensive")),
+    ("/tmp/.k -o pool.example.com:3333 -u user -p x", "/tmp/.k", None,
+     ("cryptocurrency miner (by its command line)", "offensive")),
+    ("/tmp/.k -o 10.1.2.3:3333 -u user --threads 4", "/tmp/.k", None,
+     ("cryptocurrency miner (by its command line)", "offensive")),
     # benign look-alikes
     ("nc -z -w 2 db 5432", None, None, None),
+    # curl has -o and -u (and -p) too: its -o names a file
+    ("curl -o out.txt -u user:pass -p http://h.example.com:8080/x", None, None, None),
+    ("curl -sS -u admin:pw -o /tmp/r.json https://api.example.com:8443/v1", None, None, None),
+    ("curl -u user -p -o x.example.com:80 http://y", None, None, None),
+    ("ssh -o ProxyJump=bastion.example.com:22 -p 22 user@h", None, None, None),
+    ("/tmp/.k -o pool.example.com:3333 -u user", "/tmp/.k", None, None),  # a login alone, nothing of a miner
     ("grep nmap notes.txt", None, None, None),
     ("apt-cache show nmap", None, None, None),
     ("grep -- --donate-level README.md", None, None, None),
@@ -188,6 +201,13 @@ def test_tools_staged_in_the_task(task_env: TaskEnv, tmp_path: Path) -> None:
     miner = sidecar.wait_for_finding(lambda f: f["type"] == TYPE and exe_of(f) == "/tmp/kworker", timeout=20)
     assert miner["severity"] == 8.0 and context_of(miner)["toolCategory"] == "miner"
     assert "--donate-level 1" in context_of(miner)["commandLineExample"]
+    # a MinerGate-style pool login on a binary with an innocent name (dash again): the options give it away
+    login = ["--url=xmr.pool.minergate.com:45700", "--user=attacker@protonmail.com", "--pass=x", "-B"]
+    assert run("worker", ["sh", "-c", "cp /bin/dash /tmp/systemd-helper"])[0] == 0
+    assert run("worker", ["/tmp/systemd-helper", "-c", "sleep 0.5; :", "x", *login])[0] == 0
+    mg = sidecar.wait_for_finding(lambda f: f["type"] == TYPE and exe_of(f) == "/tmp/systemd-helper", timeout=20)
+    assert mg["severity"] == 8.0 and context_of(mg)["toolCategory"] == "miner"
+    assert context_of(mg)["commandLineExample"].endswith(" ".join(login))
     # netcat listening (a script named nc, as a shebang file): dual-use, Low
     Path(task_env.path_in("worker", "/tmp/nc")).write_text("#!/bin/sh\nsleep 0.5\n")
     assert run("worker", ["sh", "-c", "chmod +x /tmp/nc && /tmp/nc -lvnp 4444"])[0] == 0
@@ -205,6 +225,8 @@ def test_tools_staged_in_the_task(task_env: TaskEnv, tmp_path: Path) -> None:
         ("app", ["ip", "addr", "show"], "ip addr show"),
         ("app", ["ss", "-tln"], "ss -tln"),
         ("app", ["curl", "-sf", "http://127.0.0.1:9/health"], "curl -sf"),
+        # curl with -o (a file) and -u/-p, like a miner's pool login
+        ("app", ["curl", "-s", "-o", "/tmp/o", "-u", "u:p", "-p", "http://127.0.0.1:9/x"], "-o /tmp/o -u u:p"),
     ]
     for container, argv, text in benign:
         run_until_seen(task_env, sidecar, container, argv, text)
@@ -214,6 +236,7 @@ def test_tools_staged_in_the_task(task_env: TaskEnv, tmp_path: Path) -> None:
         ("nmap", "/tmp/nmap"),
         ("LinPEAS", "/usr/bin/dash"),
         ("cryptocurrency miner (by its command line)", "/tmp/kworker"),
+        ("cryptocurrency miner (by its command line)", "/tmp/systemd-helper"),
         ("netcat", "/usr/bin/dash"),
     }
     assert sidecar.stop() == 0

@@ -24,6 +24,13 @@ When both are still alive, ``/proc/<pid>/fd`` settles it: the reader's fd 0
 must be the very pipe that is the downloader's fd 1 (see :func:`_fd_link`).
 ``bash -c "$(curl url)"`` typed at a prompt is not seen: the outer shell
 substitutes the download before starting bash, whose argv holds the script.
+Filters reading stdin may stand between the two (``curl url | gunzip |
+sh``, ``| tee /tmp/.t |``): they are skipped, and each link's pipe is
+checked. A reader that is a subshell forked by the prompt's shell (``curl
+url | while read id; do ...; done``: its parent's image, never exec'd, see
+:func:`collectors.procfs.forked_from`) runs the typed text, not the
+download: not a finding. A reader image that was a fork caught before its
+exec (a poller's early look) is replaced by its exec'd image.
 
 Benign by construction: ``curl -f http://localhost/health``, ``wget -q -O-
 url > file`` (no shell reads it), ``base64`` encoding, ``chmod +x`` on a

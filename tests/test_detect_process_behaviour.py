@@ -231,14 +231,13 @@ def test_setuid_root_files_made_at_run_time(task_env: TaskEnv, tmp_path: Path) -
     )
     # benign: a build artifact made executable, a setgid directory
     task_env.run("worker", ["sh", "-c", "cp /bin/true /tmp/tool && chmod 755 /tmp/tool && mkdir -m 2775 /tmp/shared"])
-    found = {}
-    for path in ("/var/tmp/.sh", "/tmp/.f"):
-        found[path] = sidecar.wait_for_finding(
-            lambda f, p=path: (
-                f["type"] == "PrivilegeEscalation:Runtime/SuspiciousCommand" and context_of(f).get("filePath") == p
-            ),
-            timeout=20,
+
+    def setuid_file(path: str) -> Callable[[dict[str, Any]], bool]:
+        return lambda f: (
+            f["type"] == "PrivilegeEscalation:Runtime/SuspiciousCommand" and context_of(f).get("filePath") == path
         )
+
+    found = {path: sidecar.wait_for_finding(setuid_file(path), timeout=20) for path in ("/var/tmp/.sh", "/tmp/.f")}
     time.sleep(1.5)
     assert sidecar.stop() == 0
     for f in found.values():

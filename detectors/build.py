@@ -77,7 +77,7 @@ def template_fields(d: Detection, scope: FindingScope) -> dict[str, Any]:
         fields["sha256"] = p.executable_sha256
     else:
         # network and DNS activity the kernel did not let us tie to a process (it was gone before we looked)
-        fields.update(process="A process not identified", exe="executable unknown")
+        fields.update(process="(unattributed)", exe="its socket was gone before it could be tied to a process")
     for k, v in d.context.items():
         if isinstance(v, dict) and k.endswith("Process"):
             fields[k] = f"{v.get('name')}[{v.get('namespacePid')}]"

@@ -85,3 +85,23 @@ def test_readme_configuration_table_is_current() -> None:
     start = readme.index("<!-- config-table:start -->") + len("<!-- config-table:start -->")
     end = readme.index("<!-- config-table:end -->")
     assert readme[start:end].strip() == config.markdown_table(), "regenerate with: python -m sidecar.config"
+
+
+def test_a_bad_policy_stops_the_sidecar_with_every_problem(tmp_path: Path) -> None:
+    bad = tmp_path / "policy.yaml"
+    bad.write_text(
+        "rules:\n"
+        "  - id: r1\n    description: d\n    type: Custom:Runtime/X\n    events: [process.exec]\n"
+        "    condition: {field: proc.nam, equals: x}\n"
+        "exceptions:\n  - {container: app}\n"
+    )
+    r = run_cli(["run", "--policy-file", str(bad)])
+    assert r.returncode == 2
+    msg = orjson.loads(r.stderr.strip().splitlines()[-1])["msg"]
+    assert "RUNTIME_SIDECAR_POLICY_FILE" in msg and str(bad) in msg
+    assert "rules[0]" in msg and "proc.nam" in msg  # the unknown field, where it is
+    assert "severity" in msg  # a custom type needs one
+    assert "exceptions[0]" in msg and "reason" in msg
+    # and a missing file is an error too, not an empty policy
+    r = run_cli(["run"], {"RUNTIME_SIDECAR_POLICY_FILE": str(tmp_path / "nope.yaml")})
+    assert r.returncode == 2 and "nope.yaml" in r.stderr

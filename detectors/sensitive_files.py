@@ -91,6 +91,7 @@ ROTATED_MEMORY_SECONDS = 60.0
 MAX_ROTATED = 1024
 LOGROTATE_DIRS = ("/usr/sbin/", "/usr/bin/", "/sbin/", "/bin/", "/usr/local/sbin/", "/usr/local/bin/")
 SYSTEM_BIN_DIRS = LOGROTATE_DIRS
+HOME_DIRS = ("/home/", "/root/")
 CRON_SPOOL_DIRS = frozenset({"crontabs", "tabs"})  # /var/spool/cron/crontabs: a directory, not a crontab
 # The account database: one account added changes several of them, one finding per writer.
 ACCOUNT_FILES = frozenset({"/etc/passwd", "/etc/group", "/etc/shadow", "/etc/gshadow"})
@@ -232,6 +233,17 @@ class SensitiveFileDetector(Detector):
                 return ()
             if category == "log" and self._rotation(event, path, op):
                 return ()
+        if (
+            category == "shell_profile"
+            and op in ("create", "write", "attribute")
+            and path.startswith(HOME_DIRS)
+            and event.process is not None
+            and _account_tool(event.process) is not None
+        ):
+            # useradd -m / adduser copying /etc/skel into a new home: the account itself is judged (account files,
+            # commands), its starter .bashrc/.profile are not persistence
+            self.skipped["skeleton_profile"] += 1
+            return ()
         writer = None if guessed else event.process
         accounts = path in ACCOUNT_FILES
         if accounts and creates_system_account(event.process):

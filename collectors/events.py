@@ -76,6 +76,9 @@ class ProcessInfo:
     exit_code: int | None = None
     # False when the process vanished before its details could be read.
     complete: bool = True
+    # True when, at capture, it still ran the address space it was forked with from its parent (a subshell, a
+    # pre-fork worker): same image, never exec'd. Told by the randomized stack start (procfs.forked_from).
+    forked: bool = False
     # to_json() serialized once: the exec and exit events of a process share it.
     _json: bytes | None = None
 

@@ -206,6 +206,15 @@ class ProcessCollector:
         self.stats["processes_seen"] += 1
         self._tentative.pop(raw.pid, None)
         parent = self.table.get(raw.ppid)
+        if (
+            exec_seq == 0
+            and parent is not None
+            and parent.executable_path == info.executable_path
+            and parent.command_line == info.command_line
+        ):
+            # Same image as its parent: a fork that has not exec'd, or an exec of the same program. Asked now,
+            # while both are alive: a subshell is often gone by the time a detector wonders.
+            info.forked = procfs.forked_from((raw.pid, raw.start_ticks), (parent.pid, parent.start_ticks)) is True
         fork_only = self.track_young and (
             mid_exec
             or (

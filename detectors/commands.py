@@ -490,8 +490,9 @@ class SuspiciousCommandDetector(Detector):
             return []
         # `curl url | while read id; do ...; done`: the shell reading the pipe is a subshell forked for the loop (its
         # parent's image, never exec'd), running the typed text, not a program read from the pipe
-        if parent is not None and procfs.forked_from(
-            (reader.pid, reader.start_ticks), (parent.pid, parent.start_ticks)
+        if reader.forked or (
+            parent is not None
+            and procfs.forked_from((reader.pid, reader.start_ticks), (parent.pid, parent.start_ticks))
         ):
             self.forked_readers += 1
             return []

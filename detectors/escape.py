@@ -171,12 +171,13 @@ class RuncEscapeDetector(Detector):
         path = data.get("newPath") if data.get("fileOperation") == "rename" else data.get("filePath")
         if not isinstance(path, str):
             return ()
-        reader = self._reader(event)
-        if reader is None:
+        readers = self._readers(event)
+        if not readers:
             self.stats["no_reader"] += 1
             return ()
         self.stats["heads_read"] += 1
-        head = read_head(reader, path)
+        # the writer may have exited before the table knows: the next process of the namespace reads it then
+        head = next((h for h in (read_head(r, path) for r in readers) if h is not None), None)
         if head is None or not head.startswith(RUNC_SHEBANG):
             return ()
         line = head.split(b"\n", 1)[0].decode("utf-8", "replace")
@@ -191,19 +192,21 @@ class RuncEscapeDetector(Detector):
             ),
         )
 
-    def _reader(self, event: RuntimeEvent) -> int | None:
-        """A live process whose root is the file's container's: the writer, else any of its namespace."""
+    def _readers(self, event: RuntimeEvent, most: int = 3) -> list[int]:
+        """Live processes whose root is the file's container's: the writer first, then others of its namespace."""
         data = event.data or {}
         ns = data.get("containerMntNs")
         p = event.process
+        out = []
         if p is not None and (ns is None or p.mnt_ns == ns) and p.exited_at is None:
-            return p.pid
-        if ns is None:
-            return None
-        for cand in self.ctx.table.live():
-            if cand.mnt_ns == ns:
-                return cand.pid
-        return None
+            out.append(p.pid)
+        if ns is not None:
+            for cand in self.ctx.table.live():
+                if len(out) >= most:
+                    break
+                if cand.mnt_ns == ns and cand.exited_at is None and cand.pid not in out:
+                    out.append(cand.pid)
+        return out
 
     def snapshot(self) -> dict[str, Any]:
         return dict(self.stats)

@@ -21,6 +21,22 @@ def _task(tmp_path_factory: pytest.TempPathFactory, *, net_raw: bool) -> Iterato
         yield task
 
 
+TASK_FIXTURES = frozenset({"task_env", "task_env_no_netraw"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests that stage real behaviour in the emulated task get one rerun.
+
+    They drive a polling sensor on a shared 2-core machine: a process that lives a millisecond is missed now and
+    then (the README's figures say how often), and that is the product's nature, not a bug in the test. One rerun
+    keeps such a miss from failing CI, and pytest reports every rerun (an "R" and the rerun summary), so a test
+    that needs them often is visible; a real regression fails both runs.
+    """
+    for item in items:
+        if TASK_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.flaky(reruns=1, reruns_delay=1))
+
+
 @pytest.fixture
 def task_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TaskEnv]:
     """A running Fargate task: containers "app" and "worker", the "runtime-sidecar" container (not started:

@@ -96,6 +96,7 @@ CRON_SPOOL_DIRS = frozenset({"crontabs", "tabs"})  # /var/spool/cron/crontabs: a
 # The account database: one account added changes several of them, one finding per writer.
 ACCOUNT_FILES = frozenset({"/etc/passwd", "/etc/group", "/etc/shadow", "/etc/gshadow"})
 ACCOUNT_HOLD_SECONDS = 2.0
+BURST_MEMORY_SECONDS = 30.0
 MAX_HELD = 256
 ACCOUNT_TOOLS = frozenset({"useradd", "adduser", "groupadd", "addgroup", "usermod"})
 SYSTEM_FLAGS = frozenset({"-r", "--system", "-S"})
@@ -212,6 +213,8 @@ class SensitiveFileDetector(Detector):
         self._rotated: OrderedDict[tuple[Any, str], float] = OrderedDict()
         # (container, writer executable) -> account file changes held back to be one finding
         self._held: OrderedDict[tuple[Any, ...], _HeldAccounts] = OrderedDict()
+        # (container, account file) -> (key of the burst it was last part of, when): late events join that finding
+        self._bursts: OrderedDict[tuple[Any, str], tuple[tuple[Any, ...], float]] = OrderedDict()
 
     def on_event(self, event: RuntimeEvent) -> Iterable[Detection]:
         data = event.data or {}
@@ -280,16 +283,35 @@ class SensitiveFileDetector(Detector):
         group = ((where.id or where.name) if where is not None else None, *d.key)
         held = self._held.get(group)
         if held is not None:
+            d.key = held.first.key  # a repeat of the group's first change
+            if d.key[-1] is not None and str(d.key[-1]).startswith("burst@"):
+                self._remember_burst(group[0], path, d.key, when)
             held.more.append(d)
             if path not in held.paths:
                 held.paths.append(path)
             return ()
+        if d.key[-1] is None:
+            # The writer was not found (only guessed): group by burst, not forever. useradd's eight changes land
+            # within the hold; a later, unrelated change (sed -i on shadow) is a finding of its own; a late event
+            # of a file already in a recent burst (the file watch coalesces) is a repeat of that burst's finding.
+            recent = self._bursts.get((group[0], path))
+            if recent is not None and 0 <= when - recent[1] <= BURST_MEMORY_SECONDS:
+                d.key = recent[0]
+                return (d,)
+            d.key = (*d.key, f"burst@{when:.3f}")
+            self._remember_burst(group[0], path, d.key, when)
         self._held[group] = _HeldAccounts(when + ACCOUNT_HOLD_SECONDS, d, [path])
         out: list[Detection] = []
         while len(self._held) > MAX_HELD:
             _, oldest = self._held.popitem(last=False)
             out.extend(self._release(oldest))
         return out
+
+    def _remember_burst(self, container: Any, path: str, key: tuple[Any, ...], when: float) -> None:
+        self._bursts[(container, path)] = (key, when)
+        self._bursts.move_to_end((container, path))
+        while len(self._bursts) > MAX_HELD * 4:
+            self._bursts.popitem(last=False)
 
     def tick(self, now: float) -> Iterable[Detection]:
         out: list[Detection] = []

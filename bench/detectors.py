@@ -26,14 +26,12 @@ single thread, so it is the cost on one core):
 
 from __future__ import annotations
 
-import argparse
-import json
 import random
 import time
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
+from bench import main_for
 from collectors import procfs
 from collectors.events import ContainerRef, ProcessInfo, RuntimeEvent
 from collectors.process import ProcessCollector
@@ -359,16 +357,7 @@ def report(res: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(prog="python -m bench.detectors")
-    p.add_argument("--quick", action="store_true")
-    args = p.parse_args()
-    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    results = run(quick=args.quick)
-    out = Path("bench/results")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"detectors-{started}.json").write_text(json.dumps(results, indent=2))
-    print(f"# detector stage ({started}, {'quick' if args.quick else 'full'})\n")
-    print(report(results))
+    main_for("detectors", "detector stage", run, report)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ processes over loopback (so each connection is two sockets here, both ends).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
@@ -28,9 +27,9 @@ import subprocess
 import sys
 import time
 import tracemalloc
-from pathlib import Path
 from typing import Any
 
+from bench import main_for
 from collectors.events import RuntimeEvent
 from collectors.process import ProcessCollector
 from collectors.sockets import SockDiagCollector
@@ -283,16 +282,7 @@ def report(results: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(prog="python -m bench.sockets")
-    p.add_argument("--quick", action="store_true")
-    args = p.parse_args()
-    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    results = run(quick=args.quick)
-    out = Path("bench/results")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"sockets-{started}.json").write_text(json.dumps(results, indent=2))
-    print(f"# socket source ({started}, {'quick' if args.quick else 'full'})\n")
-    print(report(results))
+    main_for("sockets", "socket source", run, report)
 
 
 if __name__ == "__main__":

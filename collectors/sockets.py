@@ -1224,13 +1224,19 @@ class SockDiagCollector:
             if ino is None:
                 continue
             rec = self._socks.get(ino)
-            if rec is None and fresh_dump and ino not in self._unix:
+            # A connect still in flight at the last poll is looked up again: its state has moved on.
+            stale = rec is not None and rec.proto == IPPROTO_TCP and rec.state in (TCP_SYN_SENT, TCP_SYN_RECV)
+            if (rec is None or stale) and fresh_dump and ino not in self._unix:
                 if fresh is None:
                     fresh = self._fresh_inet()
                 hit = fresh.get(ino)
                 if hit is not None:
                     proto, (family, state, ports, addrs, cookie, uid, _) = hit
-                    rec = _Inet(ino, cookie, family, proto, state, ports, addrs, uid, 0.0, 0.0, 0, 0, False)
+                    if rec is None or rec.cookie == cookie:
+                        fresh_rec = _Inet(ino, cookie, family, proto, state, ports, addrs, uid, 0.0, 0.0, 0, 0, False)
+                        if rec is not None:  # keep what the collector learnt (direction, owner)
+                            fresh_rec.direction, fresh_rec.kind = rec.direction, rec.kind
+                        rec = fresh_rec
             if rec is not None:
                 entry.update(self._stdio_entry(rec))
             else:

@@ -78,6 +78,10 @@ class FindingRow(Base):
     first_seen: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     last_seen: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     count: Mapped[int] = mapped_column(Integer, default=1)
+    # An agent counts from 1 again after a restart (same finding id): the store keeps the total over the
+    # agent's lives. epoch_created is the agent's createdAt of the life being counted, epoch_count its count.
+    epoch_created: Mapped[int] = mapped_column(BigInteger, default=0)
+    epoch_count: Mapped[int] = mapped_column(Integer, default=1)
     archived: Mapped[bool] = mapped_column(Boolean, default=False)
     # who archived it: "user" (ArchiveFindings) or "filter:<name>" (a suppression rule on arrival)
     archived_by: Mapped[str | None] = mapped_column(String(160), nullable=True)

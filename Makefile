@@ -13,9 +13,10 @@ $(BIN)/runtime-sidecar: pyproject.toml
 
 venv: $(BIN)/runtime-sidecar
 
-# The main job on embedded defaults: the sidecar watching this host, events on stdout.
+# The main job on embedded defaults: the backend on SQLite (.runtime-local/) and a sidecar watching this
+# host, shipping to it; prints the URL and a working `aws guardduty list-findings` command.
 run: venv
-	$(BIN)/runtime-sidecar run --events-out - --findings-out findings.jsonl
+	$(BIN)/runtime-backend local
 
 probe: venv
 	$(BIN)/runtime-sidecar probe

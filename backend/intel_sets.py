@@ -104,7 +104,7 @@ class FetchLimits:
     def from_settings(cls, settings: Any) -> FetchLimits:
         # the settings fields are optional: a backend without them gets the defaults
         roots = getattr(settings, "intel_file_roots", None)
-        if isinstance(roots, str):
+        if isinstance(roots, str):  # the setting: empty means no file may be read
             roots = [r for r in roots.split(os.pathsep) if r]
         return cls(
             max_bytes=int(getattr(settings, "intel_max_bytes", None) or MAX_LIST_BYTES),
@@ -204,6 +204,11 @@ async def fetch_location(location: Location, limits: FetchLimits) -> bytes:
 
 def _read_file(path: str, limits: FetchLimits) -> bytes:
     real = os.path.realpath(path)
+    if limits.file_roots == ():
+        raise ListFetchError(
+            "this backend reads lists from http(s) locations only; an operator can allow directories with"
+            " RUNTIME_BACKEND_INTEL_FILE_ROOTS"
+        )
     if limits.file_roots is not None and not any(
         real == root or real.startswith(root.rstrip("/") + "/") for root in limits.file_roots
     ):
@@ -325,14 +330,22 @@ async def load_content(row: IntelSet, limits: FetchLimits) -> tuple[str | None, 
     return text, None
 
 
-async def refresh_set(session: AsyncSession, row: IntelSet, limits: FetchLimits, *, keep_last_good: bool) -> None:
+async def refresh_set(
+    session: AsyncSession,
+    row: IntelSet,
+    limits: FetchLimits,
+    *,
+    keep_last_good: bool,
+    loaded: tuple[str | None, str | None] | None = None,
+) -> None:
     """Fetch and check ``row``'s list again and record the outcome in ``row`` (the caller's transaction commits).
 
     With ``keep_last_good`` (a periodic refresh), a set whose list loaded before keeps serving that content when
     the new fetch fails, and its status reason says the refresh failed: an unreachable feed must not silently
     strip every agent of the list. Without it (the user gave a new location), a failure is status ERROR.
     """
-    content, reason = await load_content(row, limits)
+    # ``loaded``: load_content's result, fetched before the caller's transaction began (see ``prefetch``)
+    content, reason = loaded if loaded is not None else await load_content(row, limits)
     t = now_ms()
     if content is None and keep_last_good and row.content and row.status != "ERROR":
         row.error = _clip_reason(f"refresh failed, serving the list loaded before: {reason}")
@@ -469,6 +482,32 @@ async def _flush(session: AsyncSession, kind: SetKind, name: str) -> None:
 # -- the operations ---------------------------------------------------------------------------------------------
 
 
+async def prefetch(req: ApiRequest, kind: SetKind) -> tuple[str | None, str | None] | None:
+    """Create/Update's slow part, run by backend.api before the write transaction: fetch and check the list.
+
+    Fetching a URL can take up to the fetch timeout; inside the transaction it would hold SQLite's one write
+    lock (and stall ingest) for that long. Validation errors here are the same the handler would raise.
+    """
+    b = req.body
+    if "ThreatIntelSetId" in req.params or "IpSetId" in req.params:  # Update
+        row = await _get_row(req, kind)
+        location = _location(b, required=False)
+        activate = _activate(b, required=False)
+        if location is None and not activate:
+            return None  # nothing to fetch
+        probe = IntelSet(
+            name=_name(b, required=False) or row.name, kind=row.kind, format=row.format,
+            location=location or row.location, tags=row.tags,
+        )  # fmt: skip
+    else:
+        probe = IntelSet(
+            name=_name(b, required=True), kind=kind.kind, format=_format(b),
+            location=_location(b, required=True), tags=orjson.dumps(_tags(b, kind)).decode(),
+        )  # fmt: skip
+    await req.session.rollback()  # end the read before waiting on the network
+    return await load_content(probe, _limits(req))
+
+
 async def create_set(req: ApiRequest, kind: SetKind) -> dict[str, Any]:
     b = req.body
     name = _name(b, required=True)
@@ -507,7 +546,7 @@ async def create_set(req: ApiRequest, kind: SetKind) -> dict[str, Any]:
     )
     req.session.add(row)
     await _flush(req.session, kind, name)
-    await refresh_set(req.session, row, _limits(req), keep_last_good=False)
+    await refresh_set(req.session, row, _limits(req), keep_last_good=False, loaded=req.prepared)
     log.info(
         "intel set created",
         extra={
@@ -566,7 +605,7 @@ async def update_set(req: ApiRequest, kind: SetKind) -> dict[str, Any]:
         row.activate = activate
     # activating reads the list again, as GuardDuty does; so does a new location
     if location is not None or activate:
-        await refresh_set(req.session, row, _limits(req), keep_last_good=False)
+        await refresh_set(req.session, row, _limits(req), keep_last_good=False, loaded=req.prepared)
     elif activate is False:
         row.status = "INACTIVE"
         row.updated_at = now_ms()
@@ -580,7 +619,15 @@ async def delete_set(req: ApiRequest, kind: SetKind) -> dict[str, Any]:
     return {}
 
 
-@operation("POST", "/detector/{DetectorId}/threatintelset", "CreateThreatIntelSet")
+async def _prefetch_threat(req: ApiRequest) -> Any:
+    return await prefetch(req, THREAT_SETS)
+
+
+async def _prefetch_ip(req: ApiRequest) -> Any:
+    return await prefetch(req, IP_SETS)
+
+
+@operation("POST", "/detector/{DetectorId}/threatintelset", "CreateThreatIntelSet", prepare=_prefetch_threat)
 async def create_threat_intel_set(req: ApiRequest) -> dict[str, Any]:
     return await create_set(req, THREAT_SETS)
 
@@ -595,7 +642,9 @@ async def get_threat_intel_set(req: ApiRequest) -> dict[str, Any]:
     return await get_set(req, THREAT_SETS)
 
 
-@operation("POST", "/detector/{DetectorId}/threatintelset/{ThreatIntelSetId}", "UpdateThreatIntelSet")
+@operation(
+    "POST", "/detector/{DetectorId}/threatintelset/{ThreatIntelSetId}", "UpdateThreatIntelSet", prepare=_prefetch_threat
+)
 async def update_threat_intel_set(req: ApiRequest) -> dict[str, Any]:
     return await update_set(req, THREAT_SETS)
 
@@ -605,7 +654,7 @@ async def delete_threat_intel_set(req: ApiRequest) -> dict[str, Any]:
     return await delete_set(req, THREAT_SETS)
 
 
-@operation("POST", "/detector/{DetectorId}/ipset", "CreateIPSet")
+@operation("POST", "/detector/{DetectorId}/ipset", "CreateIPSet", prepare=_prefetch_ip)
 async def create_ip_set(req: ApiRequest) -> dict[str, Any]:
     return await create_set(req, IP_SETS)
 
@@ -620,7 +669,7 @@ async def get_ip_set(req: ApiRequest) -> dict[str, Any]:
     return await get_set(req, IP_SETS)
 
 
-@operation("POST", "/detector/{DetectorId}/ipset/{IpSetId}", "UpdateIPSet")
+@operation("POST", "/detector/{DetectorId}/ipset/{IpSetId}", "UpdateIPSet", prepare=_prefetch_ip)
 async def update_ip_set(req: ApiRequest) -> dict[str, Any]:
     return await update_set(req, IP_SETS)
 

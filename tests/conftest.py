@@ -48,3 +48,6 @@ def task_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TaskEnv]:
 def task_env_no_netraw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TaskEnv]:
     """The same task, with NET_RAW dropped from the sidecar container (no packet capture possible)."""
     yield from _task(tmp_path_factory, net_raw=False)
+
+
+pytest_plugins = ["db_fixtures", "backend_env"]  # the backend's databases on both engines; a running backend

@@ -1,0 +1,129 @@
+"""The backend's aiohttp application: the agent API, the GuardDuty-compatible API, health.
+
+``create_app(settings, db)`` builds it (tests run it on an ephemeral port); ``serve(settings)`` opens the
+database (migrating it), listens, and runs until SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import ssl
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from backend import api, ingest
+from backend.config import BackendSettings
+from backend.db import Database, open_database
+from backend.findings import UpsertResult
+from backend.sigv4 import SigV4Verifier
+from backend.tenancy import TokenIdentity, lookup_access_key
+
+log = logging.getLogger("backend")
+
+DB = web.AppKey("db", Database)
+SETTINGS = web.AppKey("settings", BackendSettings)
+VERIFIER = web.AppKey("verifier", SigV4Verifier)
+# Called after each stored batch (exporters subscribe here): must not raise, must not block ingest.
+FindingsListener = Callable[[web.Application, TokenIdentity, UpsertResult], Awaitable[None]]
+LISTENERS = web.AppKey("listeners", list[FindingsListener])
+
+
+async def on_findings_stored(app: web.Application, ident: TokenIdentity, result: UpsertResult) -> None:
+    for listener in app[LISTENERS]:
+        try:
+            await listener(app, ident, result)
+        except Exception:
+            log.exception("findings listener failed", extra={"listener": getattr(listener, "__name__", "?")})
+
+
+def create_app(settings: BackendSettings, db: Database) -> web.Application:
+    # The largest agent body is bounded by ingest itself; aiohttp's own cap must not cut it first.
+    app = web.Application(client_max_size=max(settings.max_body_bytes, settings.max_api_body_bytes) + 1024)
+    app[DB] = db
+    app[SETTINGS] = settings
+
+    async def lookup(key_id: str) -> tuple[str, str] | None:
+        async with db.sessions() as session:
+            return await lookup_access_key(session, key_id)
+
+    app[VERIFIER] = SigV4Verifier(lookup, service="guardduty", max_skew_s=settings.signature_max_skew_s)
+    app[LISTENERS] = []
+    app.router.add_get("/healthz", health)
+    ingest.add_routes(app)
+    api.add_routes(app)
+    return app
+
+
+async def health(request: web.Request) -> web.Response:
+    from sqlalchemy import text
+
+    try:
+        async with request.app[DB].engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+    except Exception as exc:
+        return web.json_response({"status": "unhealthy", "database": str(exc)[:200]}, status=503)
+    return web.json_response({"status": "ok"})
+
+
+def ssl_context(settings: BackendSettings) -> ssl.SSLContext | None:
+    if not settings.tls_cert:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(settings.tls_cert, settings.tls_key)
+    return ctx
+
+
+class Server:
+    """The backend listening on a port: used by ``serve`` and by ``runtime-backend local``."""
+
+    def __init__(self, settings: BackendSettings) -> None:
+        self.settings = settings
+        self.db: Database | None = None
+        self.runner: web.AppRunner | None = None
+        self.port = settings.port
+
+    @property
+    def url(self) -> str:
+        scheme = "https" if self.settings.tls_cert else "http"
+        host = self.settings.host if self.settings.host not in ("0.0.0.0", "::") else "127.0.0.1"
+        return f"{scheme}://{host}:{self.port}"
+
+    async def start(self) -> None:
+        self.db = await open_database(self.settings.database_url)
+        app = create_app(self.settings, self.db)
+        # auto_decompress off: ingest inflates gzip bodies itself, bounded (aiohttp would inflate a bomb whole)
+        self.runner = web.AppRunner(app, access_log=None, handle_signals=False, auto_decompress=False)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, self.settings.host, self.settings.port, ssl_context=ssl_context(self.settings))
+        await site.start()
+        server: Any = site._server
+        if server is not None and server.sockets:
+            self.port = server.sockets[0].getsockname()[1]
+        log.info("backend listening", extra={"url": self.url})
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+        if self.db is not None:
+            await self.db.close()
+
+
+async def serve(settings: BackendSettings, ready: Callable[[Server], None] | None = None) -> int:
+    server = Server(settings)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if ready is not None:
+        ready(server)
+    try:
+        await stop.wait()
+    finally:
+        log.info("backend stopping")
+        await server.stop()
+    return 0

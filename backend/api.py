@@ -232,13 +232,8 @@ class PayloadTooLarge(ApiError):
 
 def add_routes(app: web.Application) -> None:
     # importing the modules registers their operations
-    from backend import detectors_api, findings_api  # noqa: F401
+    from backend import coverage, detectors_api, findings_api, intel_sets  # noqa: F401
 
-    for module in ("backend.coverage", "backend.intel_sets"):
-        try:
-            __import__(module)
-        except ImportError as exc:  # pragma: no cover - while a module is being written
-            log.warning("api module missing", extra={"module": module, "error": str(exc)})
     seen: set[tuple[str, str]] = set()
     for route in ROUTES:
         if (route.method, route.path) in seen:

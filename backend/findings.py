@@ -209,8 +209,16 @@ async def upsert_findings(
         else:
             res.unchanged += 1
     if new_rows:
-        stmt = _insert(session).values(new_rows).on_conflict_do_nothing(index_elements=["detector_id", "id"])
-        await session.execute(stmt)
+        stmt = (
+            _insert(session)
+            .values(new_rows)
+            .on_conflict_do_nothing(index_elements=["detector_id", "id"])
+            .returning(FindingRow.id)
+        )
+        inserted = set((await session.execute(stmt)).scalars())
+        # another replica stored the same delivery first: what it stored is what we had
+        res.unchanged += len(new_ids) - len(inserted)
+        new_ids = [i for i in new_ids if i in inserted]
     res.new, res.updated = len(new_ids), len(updated_ids)
     res.new_ids, res.updated_ids = tuple(new_ids), tuple(updated_ids)
     if new_ids:

@@ -1,0 +1,1 @@
+"""One module per schema revision, named NNNN_slug.py with revision id NNNN."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -21,13 +22,11 @@ from aiohttp import web
 from multidict import MultiMapping
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from backend.errors import ApiError, BadRequest, InternalServerError
+from backend.errors import ApiError, BadRequest, InternalServerError, ResourceNotFound
 from backend.models import Detector
 from backend.sigv4 import Principal
 
 log = logging.getLogger("backend.api")
-
-NOT_OWNED = "The request is rejected because the input detectorId is not owned by the current account."
 
 
 @dataclass
@@ -155,6 +154,13 @@ def id_list(body: dict[str, Any], name: str, *, maximum: int = 50) -> list[str]:
 
 def make_handler(route: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     async def handle(request: web.Request) -> web.StreamResponse:
+        response = await _handle(request)
+        # botocore reports it as ResponseMetadata.RequestId; the log line of a failure carries the same id
+        response.headers["x-amzn-RequestId"] = request["request_id"]
+        return response
+
+    async def _handle(request: web.Request) -> web.StreamResponse:
+        request["request_id"] = str(uuid.uuid4())
         from backend.app import DB, SETTINGS, VERIFIER
 
         try:
@@ -190,12 +196,17 @@ def make_handler(route: Route) -> Callable[[web.Request], Awaitable[web.StreamRe
             return json_response(out or {})
         except ApiError as exc:
             if exc.status >= 500:
-                log.error("api error", extra={"operation": route.operation, "error": exc.message})
+                log.error(
+                    "api error",
+                    extra={"operation": route.operation, "error": exc.message, "requestId": request["request_id"]},
+                )
             return exc.response()
         except web.HTTPException:
             raise
         except Exception:
-            log.exception("api operation failed", extra={"operation": route.operation})
+            log.exception(
+                "api operation failed", extra={"operation": route.operation, "requestId": request["request_id"]}
+            )
             return InternalServerError("internal error; the backend's log has the details").response()
 
     return handle
@@ -207,7 +218,7 @@ async def _own_detector(req: ApiRequest) -> None:
     if did is not None:
         det = await req.session.get(Detector, did)
         if det is None or det.account_id != req.principal.account_id or det.region != req.principal.region:
-            raise BadRequest(NOT_OWNED)
+            raise ResourceNotFound()
         req.detector = det
 
 

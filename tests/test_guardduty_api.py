@@ -210,6 +210,7 @@ def test_errors_come_back_in_guardduty_shapes(backend: BackendThread) -> None:
             call()
         err = exc.value.response["Error"]
         assert err["Code"] == code and text in err["Message"], err
+        assert len(exc.value.response["ResponseMetadata"]["RequestId"]) == 36  # to find it in the backend's log
     kid, _ = backend.access_key()
     wrong = backend.guardduty(key=(kid, "not-the-secret"))
     with pytest.raises(ClientError) as exc:

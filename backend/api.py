@@ -154,13 +154,13 @@ def id_list(body: dict[str, Any], name: str, *, maximum: int = 50) -> list[str]:
 
 def make_handler(route: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     async def handle(request: web.Request) -> web.StreamResponse:
-        response = await _handle(request)
+        request_id = str(uuid.uuid4())
+        response = await _handle(request, request_id)
         # botocore reports it as ResponseMetadata.RequestId; the log line of a failure carries the same id
-        response.headers["x-amzn-RequestId"] = request["request_id"]
+        response.headers["x-amzn-RequestId"] = request_id
         return response
 
-    async def _handle(request: web.Request) -> web.StreamResponse:
-        request["request_id"] = str(uuid.uuid4())
+    async def _handle(request: web.Request, request_id: str) -> web.StreamResponse:
         from backend.app import DB, SETTINGS, VERIFIER
 
         try:
@@ -198,15 +198,13 @@ def make_handler(route: Route) -> Callable[[web.Request], Awaitable[web.StreamRe
             if exc.status >= 500:
                 log.error(
                     "api error",
-                    extra={"operation": route.operation, "error": exc.message, "requestId": request["request_id"]},
+                    extra={"operation": route.operation, "error": exc.message, "requestId": request_id},
                 )
             return exc.response()
         except web.HTTPException:
             raise
         except Exception:
-            log.exception(
-                "api operation failed", extra={"operation": route.operation, "requestId": request["request_id"]}
-            )
+            log.exception("api operation failed", extra={"operation": route.operation, "requestId": request_id})
             return InternalServerError("internal error; the backend's log has the details").response()
 
     return handle

@@ -120,11 +120,16 @@ def main(argv: list[str] | None = None) -> int:
     except config.ConfigError as exc:
         sys.stderr.write(f"runtime-backend: {exc}\n")
         return 2
+    from backend.db import SchemaTooNewError
+
     try:
         return asyncio.run(_run(args, settings))
-    except ValueError as exc:  # bad identities, policies: worded for the operator
+    except (ValueError, SchemaTooNewError) as exc:  # bad identities, policies, a newer schema: for the operator
         sys.stderr.write(f"runtime-backend: {exc}\n")
         return 2
+    except OSError as exc:  # the database (or the port) cannot be reached
+        sys.stderr.write(f"runtime-backend: {exc}\n")
+        return 1
     except KeyboardInterrupt:
         return 130
 

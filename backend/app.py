@@ -7,10 +7,11 @@ database (migrating it), listens, and runs until SIGTERM/SIGINT.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -52,10 +53,34 @@ def create_app(settings: BackendSettings, db: Database) -> web.Application:
 
     app[VERIFIER] = SigV4Verifier(lookup, service="guardduty", max_skew_s=settings.signature_max_skew_s)
     app[LISTENERS] = []
+    app.cleanup_ctx.append(_intel_refresher)
     app.router.add_get("/healthz", health)
     ingest.add_routes(app)
     api.add_routes(app)
     return app
+
+
+async def _intel_refresher(app: web.Application) -> AsyncIterator[None]:
+    """Threat feeds change: re-fetch active lists periodically (each replica does; the result is the same)."""
+    from backend.intel_sets import FetchLimits, refresh_sets
+
+    settings = app[SETTINGS]
+
+    async def loop() -> None:
+        while True:
+            await asyncio.sleep(settings.intel_refresh_interval_s)
+            try:
+                done = await refresh_sets(app[DB].sessions, FetchLimits.from_settings(settings))
+                log.info("threat lists refreshed", extra={"sets": len(done)})
+            except Exception:
+                log.exception("threat list refresh failed")
+
+    task = asyncio.create_task(loop()) if settings.intel_refresh_interval_s > 0 else None
+    yield
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 async def health(request: web.Request) -> web.Response:

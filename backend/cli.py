@@ -70,6 +70,11 @@ def _parser() -> argparse.ArgumentParser:
     pd.add_argument("--account", required=True)
     pd.add_argument("--cluster")
 
+    intel = sub.add_parser("intel", help="threat-intel and IP sets").add_subparsers(dest="action", required=True)
+    ir = intel.add_parser("refresh", help="re-fetch every active list now (a running backend does it hourly)")
+    ir.add_argument("--account", help="only this account's sets (with --region)")
+    ir.add_argument("--region", help="default: RUNTIME_BACKEND_DEFAULT_REGION")
+
     local = sub.add_parser(
         "local", help="backend on SQLite plus a sidecar watching this host, with a token and an access key"
     )
@@ -234,6 +239,18 @@ async def _run(args: argparse.Namespace, settings: config.BackendSettings) -> in
         return 0
     if args.command == "policy":
         return await _policy(args, settings)
+    if args.command == "intel":
+        from backend.db import open_database
+        from backend.intel_sets import FetchLimits, refresh_sets
+
+        detector = detector_id_for(args.account, args.region or settings.default_region) if args.account else None
+        db = await open_database(settings.database_url)
+        try:
+            rows = await refresh_sets(db.sessions, FetchLimits.from_settings(settings), detector)
+        finally:
+            await db.close()
+        _print([{"id": r.id, "name": r.name, "kind": r.kind, "status": r.status, "reason": r.error} for r in rows])
+        return 0
     if args.command == "local":
         from backend.local import run_local
 

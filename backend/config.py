@@ -48,6 +48,9 @@ class BackendSettings(BaseSettings):
     )
     intel_max_bytes: int = Field(32 << 20, ge=1024, description="Largest threat-intel or IP list fetched.")
     intel_fetch_timeout_s: float = Field(30.0, gt=0, le=600, description="Time allowed to fetch a list.")
+    intel_refresh_interval_s: float = Field(
+        3600.0, ge=0, description="Re-fetch every active list this often (feeds change); 0: only when updated."
+    )
 
     @field_validator("database_url")
     @classmethod

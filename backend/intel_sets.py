@@ -41,7 +41,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from yarl import URL
 
 from backend.api import ApiRequest, next_token, operation, parse_page
@@ -679,15 +679,30 @@ async def delete_ip_set(req: ApiRequest) -> dict[str, Any]:
     return await delete_set(req, IP_SETS)
 
 
-async def refresh_detector_sets(session: AsyncSession, detector_id: str, limits: FetchLimits) -> list[IntelSet]:
-    """Re-fetch every set of a detector (a periodic job or a CLI command); returns the sets, updated."""
-    rows = list(
-        (
-            await session.execute(
-                select(IntelSet).where(IntelSet.detector_id == detector_id).order_by(IntelSet.created_at)
-            )
-        ).scalars()
-    )
-    for row in rows:
-        await refresh_set(session, row, limits, keep_last_good=True)
-    return rows
+async def refresh_sets(
+    sessions: async_sessionmaker[AsyncSession], limits: FetchLimits, detector_id: str | None = None
+) -> list[IntelSet]:
+    """Re-fetch every active set (of one detector, or all): the periodic job and ``runtime-backend intel refresh``.
+
+    Each list is fetched with no transaction open and recorded in a short one of its own, so a slow feed never
+    holds the database; a set changed or deleted meanwhile is left as the user left it.
+    """
+    async with sessions() as session:
+        stmt = select(IntelSet).where(IntelSet.activate.is_(True))
+        if detector_id is not None:
+            stmt = stmt.where(IntelSet.detector_id == detector_id)
+        snapshots = list((await session.execute(stmt.order_by(IntelSet.created_at))).scalars())
+    done: list[IntelSet] = []
+    for snap in snapshots:
+        loaded = await load_content(snap, limits)
+        async with sessions() as session, session.begin():
+            row = await session.get(IntelSet, snap.id)
+            if row is None or (row.location, row.format, row.updated_at) != (
+                snap.location,
+                snap.format,
+                snap.updated_at,
+            ):
+                continue
+            await refresh_set(session, row, limits, keep_last_good=True, loaded=loaded)
+            done.append(row)
+    return done

@@ -357,6 +357,12 @@ def test_status_reason_through_the_aws_cli(sqlite_backend: BackendThread, tmp_pa
     assert s3.returncode != 0 and "(BadRequestException)" in s3.stderr and "no access to S3" in s3.stderr
 
 
+def _refresh(backend: BackendThread, limits: FetchLimits) -> None:
+    db = backend.server.db
+    assert db is not None
+    backend.call(lambda: intel_sets.refresh_sets(db.sessions, limits, DETECTOR))
+
+
 def test_refresh_keeps_the_last_good_list_when_the_feed_fails(backend: BackendThread, lists: ListServer) -> None:
     gd = backend.guardduty()
     url = lists.serve("/feed.txt", PLAIN)
@@ -365,19 +371,37 @@ def test_refresh_keeps_the_last_good_list_when_the_feed_fails(backend: BackendTh
     ]
     limits = FetchLimits()
     lists.serve("/feed.txt", "down for maintenance", status=503)
-    backend.in_session(lambda s: intel_sets.refresh_detector_sets(s, DETECTOR, limits))
+    _refresh(backend, limits)
     row = backend.in_session(lambda s: s.get(IntelSet, sid))
     assert (row.status, row.content) == ("ACTIVE", PLAIN)
     got = gd.get_threat_intel_set(DetectorId=DETECTOR, ThreatIntelSetId=sid)
     assert got["Status"] == "ACTIVE" and "refresh failed" in got["Tags"][REASON] and "503" in got["Tags"][REASON]
     lists.serve("/feed.txt", "192.0.2.99\n")
-    backend.in_session(lambda s: intel_sets.refresh_detector_sets(s, DETECTOR, limits))
+    _refresh(backend, limits)
     row = backend.in_session(lambda s: s.get(IntelSet, sid))
     assert (row.status, row.content, row.error) == ("ACTIVE", "192.0.2.99\n", None)
     # a location the user changed to a broken one is an error, not the old list
     gd.update_threat_intel_set(DetectorId=DETECTOR, ThreatIntelSetId=sid, Location=lists.url + "/gone.txt")
     row = backend.in_session(lambda s: s.get(IntelSet, sid))
     assert (row.status, row.content) == ("ERROR", "")
+
+
+def test_a_running_backend_refreshes_feeds_by_itself(tmp_path: Path, lists: ListServer) -> None:
+    b = BackendThread(f"sqlite:///{tmp_path / 'b.db'}", intel_refresh_interval_s=0.3).start()
+    try:
+        gd = b.guardduty()
+        url = lists.serve("/feed.txt", PLAIN)
+        sid = gd.create_threat_intel_set(DetectorId=DETECTOR, Name="feed", Format="TXT", Location=url, Activate=True)[
+            "ThreatIntelSetId"
+        ]
+        lists.serve("/feed.txt", "192.0.2.55\n")
+        deadline = time.monotonic() + 10
+        while (row := b.in_session(lambda s: s.get(IntelSet, sid))).content != "192.0.2.55\n":
+            assert time.monotonic() < deadline, row.content
+            time.sleep(0.1)
+        assert row.status == "ACTIVE"
+    finally:
+        b.stop()
 
 
 # -- the fetcher's bounds ---------------------------------------------------------------------------------------

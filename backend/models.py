@@ -182,3 +182,119 @@ class PolicyRow(Base):
     cluster_name: Mapped[str] = mapped_column(String(255), primary_key=True)
     document: Mapped[str] = mapped_column(Text)  # canonical JSON of detectors.policy
     updated_at: Mapped[int] = mapped_column(BigInteger)
+
+
+# -- the console ---------------------------------------------------------------------------------------------------
+
+
+class Operator(Base):
+    """Someone who signs in to the console. ``accounts``: JSON list of account ids they may see, or ["*"]."""
+
+    __tablename__ = "operators"
+    username: Mapped[str] = mapped_column(String(64), primary_key=True)
+    password_hash: Mapped[str] = mapped_column(Text)  # scrypt, with its parameters and salt
+    accounts: Mapped[str] = mapped_column(Text, default='["*"]')
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    disabled_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+
+
+class ConsoleSession(Base):
+    """A signed-in browser: the cookie holds a random id, only its SHA-256 is kept; CSRF token per session."""
+
+    __tablename__ = "console_sessions"
+    id_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    username: Mapped[str] = mapped_column(String(64))
+    csrf_token: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    expires_at: Mapped[int] = mapped_column(BigInteger)
+    last_seen_at: Mapped[int] = mapped_column(BigInteger)
+    __table_args__ = (Index("ix_console_sessions_user", "username"),)
+
+
+# -- what agents report besides findings ---------------------------------------------------------------------
+
+
+class RuntimeEventRow(Base):
+    """A runtime event an agent sent (process, network, DNS, file), for the investigation timeline of a task."""
+
+    __tablename__ = "runtime_events"
+    detector_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    task_arn: Mapped[str] = mapped_column(String(512))
+    time: Mapped[int] = mapped_column(BigInteger)
+    kind: Mapped[str] = mapped_column(String(64))
+    container_name: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    process_name: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    executable_path: Mapped[str | None] = mapped_column(Text, nullable=True)
+    received_at: Mapped[int] = mapped_column(BigInteger)
+    document: Mapped[str] = mapped_column(Text)
+    __table_args__ = (
+        Index("ix_runtime_events_task_time", "detector_id", "task_arn", "time"),
+        Index("ix_runtime_events_received", "received_at"),
+    )
+
+
+# -- exports -----------------------------------------------------------------------------------------------------
+
+
+class ExportPublished(Base):
+    """What an exporter last sent for a finding: updates of aggregated findings go out at a set frequency."""
+
+    __tablename__ = "export_published"
+    exporter: Mapped[str] = mapped_column(String(64), primary_key=True)
+    detector_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    finding_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    published_at: Mapped[int] = mapped_column(BigInteger)
+    count: Mapped[int] = mapped_column(Integer)
+
+
+class ExportDeadLetter(Base):
+    """A payload an exporter gave up on, kept for inspection and replay."""
+
+    __tablename__ = "export_dead_letters"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    exporter: Mapped[str] = mapped_column(String(64))
+    detector_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    finding_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    payload: Mapped[str] = mapped_column(Text)
+    error: Mapped[str] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, default=1)
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    __table_args__ = (Index("ix_export_dead_letters_exporter", "exporter", "created_at"),)
+
+
+# -- the control plane's view (runtime-manager) --------------------------------------------------------------
+
+
+class ControlPlaneTask(Base):
+    """A running task as ECS reports it (runtime-manager), joined with heartbeats for coverage."""
+
+    __tablename__ = "control_plane_tasks"
+    detector_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    task_arn: Mapped[str] = mapped_column(String(512), primary_key=True)
+    account_id: Mapped[str] = mapped_column(String(12))
+    region: Mapped[str] = mapped_column(String(32))
+    cluster_name: Mapped[str] = mapped_column(String(255))
+    cluster_arn: Mapped[str | None] = mapped_column(String(512), nullable=True)
+    task_definition_arn: Mapped[str | None] = mapped_column(String(512), nullable=True)
+    launch_type: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    last_status: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    started_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    # what the manager concluded: None (the sidecar is there: heartbeats decide), or GuardDuty's issue kind text
+    issue: Mapped[str | None] = mapped_column(Text, nullable=True)
+    detail: Mapped[str] = mapped_column(Text, default="{}")  # JSON: sidecar container status, exit code, reason
+    reported_at: Mapped[int] = mapped_column(BigInteger)
+    __table_args__ = (Index("ix_control_plane_tasks_cluster", "detector_id", "cluster_name"),)
+
+
+class ControlPlaneCluster(Base):
+    """A cluster as runtime-manager sees it: covered or excluded (tag), and cluster-wide issues (VPC endpoint)."""
+
+    __tablename__ = "control_plane_clusters"
+    detector_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    cluster_name: Mapped[str] = mapped_column(String(255), primary_key=True)
+    cluster_arn: Mapped[str | None] = mapped_column(String(512), nullable=True)
+    covered: Mapped[bool] = mapped_column(Boolean, default=True)
+    management_type: Mapped[str] = mapped_column(String(16), default="AUTO_MANAGED")
+    issue: Mapped[str | None] = mapped_column(Text, nullable=True)
+    reported_at: Mapped[int] = mapped_column(BigInteger)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import logging
 import signal
 import ssl
@@ -24,6 +25,9 @@ from backend.sigv4 import SigV4Verifier
 from backend.tenancy import TokenIdentity, lookup_access_key
 
 log = logging.getLogger("backend")
+
+# Parts of the backend that add routes and background work to the app: each module has setup(app).
+PARTS = ("backend.console", "backend.exports", "backend.control_plane")
 
 DB = web.AppKey("db", Database)
 SETTINGS = web.AppKey("settings", BackendSettings)
@@ -57,6 +61,14 @@ def create_app(settings: BackendSettings, db: Database) -> web.Application:
     app.router.add_get("/healthz", health)
     ingest.add_routes(app)
     api.add_routes(app)
+    for name in PARTS:
+        try:
+            part = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            continue  # being written
+        part.setup(app)
     return app
 
 

@@ -13,6 +13,8 @@ import os
 import resource
 import signal
 import time
+from collections import Counter
+from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
 import orjson
@@ -28,10 +30,14 @@ from detectors.engine import DetectorEngine
 from detectors.policy import Policy
 from sidecar import __version__, ecs
 from sidecar.config import Settings
-from sidecar.detection import build_engine, load_policy
+from sidecar.detection import build_engine, load_policy, scope_of
+from sidecar.heartbeat import Heartbeater, ResourceSampler, build_heartbeat, delivery_of
 from sidecar.outputs import JsonLinesOutput
 from sidecar.probe import choose_process_source, run_probe
+from sidecar.remote_config import RemoteConfig
+from sidecar.shipper import CollectorClient, Shipper
 from sidecar.sources import NAMES, SourceSet
+from sidecar.spool import Spool
 
 log = logging.getLogger("sidecar")
 
@@ -61,13 +67,28 @@ class Sidecar:
         self.identity: ecs.TaskIdentity | None = None
         self.refresher: ecs.MetadataRefresher
         self.aux: SourceSet | None = None
+        self.table: ProcessTable | None = None
         self.events_seen = 0
+        self.events_by_kind: Counter[str] = Counter()
+        # delivery to the collector (only with collector_url)
+        self.spool: Spool | None = None
+        self.client: CollectorClient | None = None
+        self.shipper: Shipper | None = None
+        self.heartbeater: Heartbeater | None = None
+        self.remote_config: RemoteConfig | None = None
+        self.agent_id = "local"
+        self.spool_errors = 0
+        self.engine_swaps = 0
+        self._resources = ResourceSampler()
+        self._delivery_tasks: dict[str, asyncio.Task[None]] = {}
+        self._delivery_runs: dict[str, Callable[[], Coroutine[Any, Any, None]]] = {}
         self._stop = asyncio.Event()
         self._started = time.monotonic()
 
     # -- events -------------------------------------------------------------------
     def on_event(self, event: RuntimeEvent) -> None:
         self.events_seen += 1
+        self.events_by_kind[event.kind] += 1
         if self.events_out is not None:
             self.events_out.write_raw(event.to_bytes())
         if event.kind == "process.exec" and event.process is not None and self.aux is not None:
@@ -82,6 +103,14 @@ class Sidecar:
         line = orjson.dumps(finding)
         if self.findings_out is not None:
             self.findings_out.write_raw(line)
+        if self.spool is not None:
+            # spooled before anything is sent: a crash from here on loses nothing
+            try:
+                self.spool.put(str(finding["id"]), float(finding.get("severity") or 0.0), line)
+            except Exception:  # the detection path must never fail because of delivery
+                self.spool_errors += 1
+                if self.spool_errors == 1:
+                    log.exception("cannot spool a finding")
 
     # -- lifecycle ----------------------------------------------------------------
     def request_stop(self) -> None:
@@ -152,7 +181,10 @@ class Sidecar:
         # the resolver meets an id it does not know.
         self.refresher = ecs.MetadataRefresher(resolver)
         table = ProcessTable(max_live=s.max_processes, max_exited=s.max_exited_processes)
+        self.table = table
         self.engine = build_engine(s, self.identity, table, self.on_finding, self.policy)
+        if s.collector_url:
+            self._start_delivery(s.collector_url)
         self.collector = ProcessCollector(
             self.on_event,
             resolve_container=resolver,
@@ -179,8 +211,133 @@ class Sidecar:
             await self.aux.stop(STOP_TIMEOUT)
             if self.engine is not None:
                 self.engine.flush(force=True)
+            await self._stop_delivery()
             await self._shutdown()
         return 0
+
+    # -- delivery to the collector ---------------------------------------------------------------------------------
+    def _start_delivery(self, url: str) -> None:
+        s = self.settings
+        assert self.identity is not None
+        self.agent_id = scope_of(self.identity).agent_id
+        self.spool = Spool(
+            s.spool_dir or os.path.join(s.state_dir, "spool"),
+            max_bytes=s.spool_max_bytes,
+            max_findings=s.spool_max_findings,
+            memory_max_bytes=s.spool_memory_max_bytes,
+        )
+        token = s.token.get_secret_value() if s.token is not None else None
+        if not token:
+            log.warning("no agent token (RUNTIME_SIDECAR_TOKEN): the collector will refuse our findings")
+        self.client = CollectorClient(url, token, ca_bundle=s.ca_bundle, user_agent=f"runtime-sidecar/{__version__}")
+        self.shipper = Shipper(
+            self.client,
+            self.spool,
+            self.agent_id,
+            batch_max_findings=s.batch_max_findings,
+            batch_max_age_s=s.batch_max_age_s,
+        )
+        if s.remote_config:
+            self.remote_config = RemoteConfig(
+                self.client,
+                base_policy=self.policy,
+                state_dir=s.state_dir,
+                apply=self.apply_policy,
+                interval_s=s.config_poll_interval_s,
+            )
+        self.heartbeater = Heartbeater(
+            self.client,
+            self._heartbeat,
+            interval_s=s.heartbeat_interval_s,
+            on_config_etag=self.remote_config.poke if self.remote_config is not None else None,
+        )
+        self._delivery_runs = {"shipper": self.shipper.run, "heartbeat": self.heartbeater.run}
+        if self.remote_config is not None:
+            self._delivery_runs["config"] = self.remote_config.run
+        for name in self._delivery_runs:
+            self._run_delivery_task(name)
+        log.info(
+            "delivering findings",
+            extra={"collector": url, "agentId": self.agent_id, "spool": self.spool.snapshot()},
+        )
+
+    def _run_delivery_task(self, name: str) -> None:
+        if self._stop.is_set():
+            return
+        task = asyncio.get_running_loop().create_task(self._delivery_runs[name](), name=name)
+        task.add_done_callback(self._delivery_task_ended)
+        self._delivery_tasks[name] = task
+
+    def _delivery_task_ended(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        # a bug in delivery must not end delivery for the rest of the task's life: log it, start again
+        log.error(
+            "delivery task failed, restarting it", extra={"task": task.get_name(), "error": repr(task.exception())}
+        )
+        asyncio.get_running_loop().call_later(5.0, self._run_delivery_task, task.get_name())
+
+    def _heartbeat(self, stopping: bool, interval_s: float) -> dict[str, Any]:
+        assert self.identity is not None and self.spool is not None and self.shipper is not None
+        rc = self.remote_config
+        return build_heartbeat(
+            agent_id=self.agent_id,
+            agent_version=__version__,
+            interval_s=interval_s,
+            stopping=stopping,
+            identity=self.identity,
+            probe=self.probe,
+            stats=self.stats(),
+            delivery=delivery_of(self.findings_emitted, self.spool, self.shipper),
+            resources=self._resources.sample(),
+            config_etag=rc.etag if rc is not None else None,
+            config_error=rc.error if rc is not None else None,
+        )
+
+    async def apply_policy(self, policy: Policy) -> None:
+        """Swap the detection engine for one built with ``policy`` (a new remote configuration)."""
+        assert self.identity is not None and self.table is not None
+        loop = asyncio.get_running_loop()
+        # reading and compiling threat lists can take a while: not on the loop
+        new = await loop.run_in_executor(
+            None, build_engine, self.settings, self.identity, self.table, self.on_finding, policy
+        )
+        old = self.engine
+        if old is not None:
+            old.flush(force=True)
+            # aggregated findings keep their counts, and container start times stay known
+            new.aggregator = old.aggregator
+            new.ctx.container_start = old.ctx.container_start
+        self.engine = new
+        self.engine_swaps += 1
+        log.info("detection engine rebuilt", extra={"policy": policy.snapshot(), "swaps": self.engine_swaps})
+
+    async def _stop_delivery(self) -> None:
+        """SIGTERM: send what is spooled within stop_flush_timeout_s, then a last heartbeat; the rest stays
+        spooled for the next start."""
+        if self.shipper is None or self.spool is None or self.client is None:
+            return
+        budget = self.settings.stop_flush_timeout_s
+        started = time.monotonic()
+        for name in ("heartbeat", "config"):
+            task = self._delivery_tasks.get(name)
+            if task is not None:
+                task.cancel()
+        sent_all = await self.shipper.drain(budget * 0.8)
+        shipper_task = self._delivery_tasks.get("shipper")
+        if shipper_task is not None:
+            shipper_task.cancel()
+        await asyncio.gather(*self._delivery_tasks.values(), return_exceptions=True)
+        if self.heartbeater is not None:
+            remaining = max(budget - (time.monotonic() - started), 0.2)
+            await self.heartbeater.send(stopping=True, timeout_s=min(remaining, 3.0))
+        await self.client.close()
+        left = len(self.spool)
+        self.spool.close()
+        log.info(
+            "delivery stopped",
+            extra={"sentAll": sent_all, "leftInSpool": left, "shipper": self.shipper.snapshot()},
+        )
 
     def _event_sources(self) -> list[str]:
         """The non-process sources to run: those asked for that the probe allows."""
@@ -251,7 +408,25 @@ class Sidecar:
             out["eventSources"] = self.aux.snapshot()
         if self.engine is not None:
             out["detection"] = {**self.engine.snapshot(), "findingsEmitted": self.findings_emitted}
+        out["eventsByKind"] = dict(self.events_by_kind)
         out["outputs"] = {o.path: o.snapshot() for o in self.outputs}
+        if self.spool is not None:
+            out["delivery"] = self.delivery_stats()
+        return out
+
+    def delivery_stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.spool is not None:
+            out["spool"] = self.spool.snapshot()
+        if self.shipper is not None:
+            out["shipper"] = self.shipper.snapshot()
+        if self.heartbeater is not None:
+            out["heartbeat"] = self.heartbeater.snapshot()
+        if self.remote_config is not None:
+            out["config"] = self.remote_config.snapshot()
+        out["engineSwaps"] = self.engine_swaps
+        if self.spool_errors:
+            out["spoolErrors"] = self.spool_errors
         return out
 
     def log_stats(self, why: str) -> None:

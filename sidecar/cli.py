@@ -23,6 +23,18 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--process-source", choices=["auto", "proc_connector", "proc_poll"])
     run.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     run.add_argument("--policy-file", metavar="FILE", help="detection policy: lists, exceptions, user rules")
+    # The token has no flag on purpose: arguments are readable in /proc (RUNTIME_SIDECAR_TOKEN, an ECS secret).
+    run.add_argument("--ca-bundle", metavar="FILE", help="CA certificates (PEM) for the collector's TLS")
+    run.add_argument("--state-dir", metavar="DIR", help="state: spool and remote threat lists")
+    run.add_argument("--spool-dir", metavar="DIR", help="findings waiting for the collector (default STATE_DIR/spool)")
+    run.add_argument("--spool-max-bytes", metavar="N", help="most bytes of findings spooled")
+    run.add_argument("--spool-max-findings", metavar="N", help="most findings spooled")
+    run.add_argument("--batch-max-findings", metavar="N", help="findings per request to the collector")
+    run.add_argument("--batch-max-age-s", metavar="S", help="longest a finding waits for its batch")
+    run.add_argument("--heartbeat-interval-s", metavar="S", help="period of heartbeats")
+    run.add_argument("--config-poll-interval-s", metavar="S", help="period of remote configuration checks")
+    run.add_argument("--no-remote-config", action="store_true", help="do not fetch policy and lists from the collector")
+    run.add_argument("--stop-flush-timeout-s", metavar="S", help="at SIGTERM, how long to try sending spooled findings")
     sub.add_parser("probe", help="print what each event source can do here, as JSON")
     types = sub.add_parser("finding-types", help="print the finding catalog")
     types.add_argument("--json", action="store_true", help="as JSON (default: a table)")
@@ -48,6 +60,17 @@ def main(argv: list[str] | None = None) -> int:
         "collector_url": args.collector_url,
         "process_source": args.process_source,
         "log_level": args.log_level,
+        "ca_bundle": args.ca_bundle,
+        "state_dir": args.state_dir,
+        "spool_dir": args.spool_dir,
+        "spool_max_bytes": args.spool_max_bytes,
+        "spool_max_findings": args.spool_max_findings,
+        "batch_max_findings": args.batch_max_findings,
+        "batch_max_age_s": args.batch_max_age_s,
+        "heartbeat_interval_s": args.heartbeat_interval_s,
+        "config_poll_interval_s": args.config_poll_interval_s,
+        "remote_config": False if args.no_remote_config else None,
+        "stop_flush_timeout_s": args.stop_flush_timeout_s,
     }
     try:
         settings = config.load(cli, config_file=args.config)

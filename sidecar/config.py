@@ -14,7 +14,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 ENV_PREFIX = "RUNTIME_SIDECAR_"
@@ -80,6 +80,43 @@ class Settings(BaseSettings):
     max_findings: int = Field(10_000, ge=10, description="Findings held for aggregation (least recent forgotten).")
     account_id: str = Field("000000000000", pattern=r"^\d{12}$", description="Account id in local mode.")
     region: str = Field("local", description="Region in local mode.")
+    token: SecretStr | None = Field(
+        None,
+        description="Agent token for the collector API (pass it as an ECS secret). Never logged; no command-line "
+        "flag, since a process's arguments are readable in /proc.",
+    )
+    ca_bundle: str | None = Field(
+        None, description="PEM file of CA certificates for the collector's TLS (added trust; verification stays on)."
+    )
+    state_dir: str = Field(
+        "/var/lib/runtime-sidecar",
+        description="The sidecar's state (spool, remote threat lists), in the task's ephemeral storage.",
+    )
+    spool_dir: str | None = Field(
+        None,
+        description="Findings waiting for the collector; default: spool/ in the state directory. Unwritable "
+        "(read-only root file system): kept in memory only.",
+    )
+    spool_max_bytes: int = Field(64 << 20, ge=1 << 20, description="Most bytes of findings the spool keeps.")
+    spool_max_findings: int = Field(20_000, ge=10, description="Most findings the spool keeps.")
+    spool_memory_max_bytes: int = Field(
+        8 << 20, ge=64 << 10, description="Most bytes of findings kept when the spool is memory-only."
+    )
+    batch_max_findings: int = Field(100, ge=1, le=500, description="Findings per request to the collector.")
+    batch_max_age_s: float = Field(
+        2.0, gt=0, le=300, description="Longest a finding waits for its batch to fill before it is sent."
+    )
+    heartbeat_interval_s: float = Field(60.0, ge=5, le=3600, description="Period of heartbeats to the collector.")
+    remote_config: bool = Field(True, description="Fetch the detection policy and threat lists from the collector.")
+    config_poll_interval_s: float = Field(
+        60.0, ge=5, le=3600, description="Period of remote configuration checks (If-None-Match: cheap)."
+    )
+    stop_flush_timeout_s: float = Field(
+        5.0,
+        ge=0,
+        le=25,
+        description="At SIGTERM, how long to try sending spooled findings (ECS stops the task after 30 s).",
+    )
 
     @field_validator("collector_url")
     @classmethod

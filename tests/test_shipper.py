@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 from collector_server import CollectorServer
+from taskenv import TaskEnv
 
+from sidecar import ecs
+from sidecar.heartbeat import Heartbeater, ResourceSampler, build_heartbeat, delivery_of
 from sidecar.logs import JsonFormatter
 from sidecar.shipper import CollectorClient, Shipper, retry_after
 from sidecar.spool import Spool
@@ -296,6 +300,81 @@ async def test_drain_sends_within_its_budget_and_leaves_the_rest_spooled(server:
         await rig.close()
 
 
+async def test_heartbeats_validate_against_the_contract(server: CollectorServer, spool: Spool) -> None:
+    identity = await ecs.load_identity(None)
+    client = CollectorClient(server.url, TOKEN)
+    shipper = Shipper(client, spool, "agent-1")
+    spool_finding(spool, "waiting", severity=9.0)
+    sampler = ResourceSampler()
+    stats = {
+        "events": 12,
+        "eventsByKind": {"process.exec": 10, "net.connect": 2},
+        "processes": {"processes_missed": 3, "live": 7},
+        "source": {"name": "proc_poll", "interval_ms": 2.0, "polls": 5},
+        "eventSources": {"packet": {"kernel_drops": 4, "syns": 1}, "file_watch": {"off": "failed: OSError()"}},
+    }
+    probe = {
+        "sources": {
+            "proc_connector": {"available": False, "reason": "not the initial PID namespace"},
+            "proc_poll": {"available": True, "reason": "reads /proc"},
+            "packet": {"available": True, "reason": "AF_PACKET"},
+            "file_watch": {"available": True, "reason": "inotify"},
+            "sock_diag": {"available": False, "reason": "no netlink"},
+        }
+    }
+    etags: list[str] = []
+
+    def payload(stopping: bool, interval_s: float) -> dict[str, Any]:
+        return build_heartbeat(
+            agent_id="agent-1", agent_version="9.9", interval_s=interval_s, stopping=stopping, identity=identity,
+            probe=probe, stats=stats, delivery=delivery_of(5, spool, shipper), resources=sampler.sample(),
+            config_etag=None, config_error=None,
+        )  # fmt: skip
+
+    server.set_config({})
+    server.heartbeat_interval_s = 120
+    beats = Heartbeater(client, payload, interval_s=30, on_config_etag=etags.append)
+    try:
+        assert await beats.send()
+        assert await beats.send(stopping=True)
+    finally:
+        await client.close()
+    assert server.heartbeat_errors == []
+    first, last = server.heartbeats
+    assert first["stopping"] is False and last["stopping"] is True
+    assert first["task"]["hostMode"] is True and first["task"]["launchType"] is None
+    assert first["sources"] == {
+        "proc_connector": {"enabled": False, "detail": "not the initial PID namespace"},
+        "proc_poll": {"enabled": True, "detail": "reads /proc"},
+        "packet": {"enabled": True, "detail": "AF_PACKET"},
+        "file_watch": {"enabled": False, "detail": "failed: OSError()"},
+        "sock_diag": {"enabled": False, "detail": "no netlink"},
+    }
+    c = first["counters"]
+    assert c["events"] == 12 and c["processesMissed"] == 3 and c["packetsDroppedByKernel"] == 4
+    assert c["eventsByKind.net.connect"] == 2 and "source.interval_ms" not in c  # integers only
+    d = first["delivery"]
+    assert d["findingsEmitted"] == 5 and d["spooled"] == 1 and d["spoolBytes"] > 100
+    assert d["droppedBySeverity"] == {"LOW": 0, "MEDIUM": 0, "HIGH": 0, "CRITICAL": 0}
+    assert first["resources"]["rssBytes"] > 10 << 20 and first["resources"]["cpuPercent"] >= 0
+    assert etags == [server.config_etag, server.config_etag]
+    assert beats.interval_s == 120, "the backend may ask for fewer heartbeats"
+    assert first["intervalS"] == 30 and last["intervalS"] == 120
+
+
+async def test_a_refused_heartbeat_is_logged_once(server: CollectorServer, caplog: pytest.LogCaptureFixture) -> None:
+    client = CollectorClient(server.url, "wrong-token")
+    beats = Heartbeater(client, lambda stopping, interval: {"agentId": "x"})
+    try:
+        with caplog.at_level(logging.WARNING, logger="sidecar"):
+            assert not await beats.send()
+            assert not await beats.send()
+    finally:
+        await client.close()
+    assert len([r for r in caplog.records if r.getMessage() == "heartbeat not delivered"]) == 1
+    assert beats.snapshot()["failed"] == 2 and "401" in str(beats.last_error)
+
+
 def test_retry_after_forms() -> None:
     assert retry_after({"Retry-After": "3"}) == 3.0
     assert retry_after({"retry-after": "0.5"}) == 0.5
@@ -306,3 +385,69 @@ def test_retry_after_forms() -> None:
     assert got is not None and 25 <= got <= 31
     assert retry_after({"Retry-After": "soon"}) is None
     assert retry_after({}) is None
+
+
+# -- the real sidecar in the emulated task ----------------------------------------------------------------------------
+
+
+def tool_at(exe: str) -> Callable[[dict[str, Any]], bool]:
+    return lambda f: (
+        f["type"] == "Execution:Runtime/SuspiciousTool"
+        and (f["service"]["runtimeDetails"]["process"]["executablePath"] == exe)
+    )
+
+
+def test_the_sidecar_delivers_spools_through_sigkill_and_flushes_at_sigterm(task_env: TaskEnv, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    args = ["--collector-url", "", "--state-dir", str(state), "--batch-max-age-s", "0.2", "--heartbeat-interval-s", "5"]
+    env = {"RUNTIME_SIDECAR_TOKEN": TOKEN}
+    with CollectorServer(token=TOKEN) as server:
+        args[1] = server.url
+        (tmp_path / "run1").mkdir()
+        sidecar = task_env.start_detecting(tmp_path / "run1", args, env)
+        assert task_env.run("app", ["sh", "-c", "cp /bin/sleep /tmp/nmap && /tmp/nmap 0.5"])[0] == 0
+        nmap = sidecar.wait_for_finding(tool_at("/tmp/nmap"), timeout=20)
+        server.wait_until(lambda s: nmap["id"] in s.stored, timeout=10)
+        assert server.findings[nmap["id"]] == nmap, "what the backend got is what the sidecar found"
+        server.wait_until(lambda s: s.heartbeats, timeout=10)
+        assert server.heartbeat_errors == []
+        beat = server.heartbeats[0]
+        assert beat["agentId"] in nmap["service"]["additionalInfo"]["value"]
+        assert beat["task"]["clusterName"] == nmap["resource"]["ecsClusterDetails"]["name"]
+        assert beat["task"]["launchType"] == "FARGATE" and beat["stopping"] is False
+        assert beat["sources"]["proc_poll"]["enabled"] is True
+        assert beat["sources"]["proc_connector"]["enabled"] is False and beat["sources"]["proc_connector"]["detail"]
+        assert beat["resources"]["rssBytes"] > 10 << 20
+
+        # the backend goes away; a finding made meanwhile waits in the spool, and the sidecar is killed
+        server.stop()
+        Path(task_env.path_in("app", "/tmp/linpeas.sh")).write_text("sleep 0.5\n")
+        assert task_env.run("app", ["sh", "/tmp/linpeas.sh"])[0] == 0
+        lin = sidecar.wait_for_finding(lambda f: "linpeas" in str(f["service"]["runtimeDetails"]), timeout=20)
+        time.sleep(0.5)
+        task_env.kill(sidecar.pid, signal.SIGKILL)
+        assert sidecar.wait(10) == -signal.SIGKILL
+        assert lin["id"] not in server.stored
+
+        # restarted (the backend still down), then the backend comes back: the spooled finding arrives
+        (tmp_path / "run2").mkdir()
+        args[args.index("0.2")] = "30"  # batches now wait: only a stop sends them early
+        sidecar = task_env.start_detecting(tmp_path / "run2", args, env)
+        server.start()
+        server.wait_until(lambda s: lin["id"] in s.stored, timeout=15)
+        assert server.findings[lin["id"]]["service"]["count"] >= 1
+
+        # SIGTERM: what is spooled is sent within the stop budget, and the last heartbeat says so
+        assert task_env.run("worker", ["sh", "-c", "cp /bin/sleep /tmp/nmap && /tmp/nmap 0.5"])[0] == 0
+        late = sidecar.wait_for_finding(tool_at("/tmp/nmap"), timeout=20)
+        assert late["id"] not in server.stored
+        t0 = time.monotonic()
+        assert sidecar.stop(timeout=15) == 0
+        assert time.monotonic() - t0 < 8
+        assert late["id"] in server.stored
+        last = server.heartbeats[-1]
+        assert last["stopping"] is True and last["delivery"]["spooled"] == 0
+        assert last["counters"]["events"] > 0 and last["counters"]["eventsByKind.process.exec"] > 0
+        assert last["delivery"]["findingsSent"] >= 2 and last["delivery"]["findingsEmitted"] >= 1
+        assert server.heartbeat_errors == []
+        assert set(server.stored.values()) == {1}, "every finding stored exactly once"

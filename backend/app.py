@@ -17,7 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
-from backend import api, ingest
+from backend import api, events, ingest
 from backend.config import BackendSettings
 from backend.db import Database, open_database
 from backend.findings import UpsertResult
@@ -60,6 +60,7 @@ def create_app(settings: BackendSettings, db: Database) -> web.Application:
     app.cleanup_ctx.append(_intel_refresher)
     app.router.add_get("/healthz", health)
     ingest.add_routes(app)
+    events.add_routes(app)
     api.add_routes(app)
     for name in PARTS:
         try:

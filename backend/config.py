@@ -31,6 +31,9 @@ class BackendSettings(BaseSettings):
     max_body_bytes: int = Field(4 << 20, ge=1024, description="Largest request body accepted, as sent.")
     max_decompressed_bytes: int = Field(32 << 20, ge=1024, description="Largest gzip body once decompressed.")
     max_batch_findings: int = Field(500, ge=1, description="Most findings in one agent batch.")
+    event_retention_hours: float = Field(72.0, gt=0, description="How long runtime events (timelines) are kept.")
+    max_events_per_task: int = Field(20_000, ge=100, description="Runtime events kept per task (oldest go first).")
+    event_prune_interval_s: float = Field(300.0, gt=0, description="How often old runtime events are pruned.")
     heartbeat_misses: int = Field(
         3, ge=1, description="Heartbeat intervals without news before a task's agent is UNHEALTHY."
     )

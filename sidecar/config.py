@@ -106,10 +106,10 @@ class Settings(BaseSettings):
     batch_max_age_s: float = Field(
         2.0, gt=0, le=300, description="Longest a finding waits for its batch to fill before it is sent."
     )
-    heartbeat_interval_s: float = Field(60.0, ge=5, le=3600, description="Period of heartbeats to the collector.")
+    heartbeat_interval_s: float = Field(60.0, ge=1, le=3600, description="Period of heartbeats to the collector.")
     remote_config: bool = Field(True, description="Fetch the detection policy and threat lists from the collector.")
     config_poll_interval_s: float = Field(
-        60.0, ge=5, le=3600, description="Period of remote configuration checks (If-None-Match: cheap)."
+        60.0, ge=1, le=3600, description="Period of remote configuration checks (If-None-Match: cheap)."
     )
     stop_flush_timeout_s: float = Field(
         5.0,

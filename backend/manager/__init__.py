@@ -1,0 +1,1 @@
+"""`runtime-manager`: puts the sidecar into ECS (task definitions, services, ECR, IAM, VPC endpoints, coverage)."""

@@ -250,6 +250,7 @@ class Sidecar:
             self._heartbeat,
             interval_s=s.heartbeat_interval_s,
             on_config_etag=self.remote_config.poke if self.remote_config is not None else None,
+            on_accepted=self._heartbeat_accepted,
         )
         self._delivery_runs = {"shipper": self.shipper.run, "heartbeat": self.heartbeater.run}
         if self.remote_config is not None:
@@ -276,6 +277,12 @@ class Sidecar:
             "delivery task failed, restarting it", extra={"task": task.get_name(), "error": repr(task.exception())}
         )
         asyncio.get_running_loop().call_later(5.0, self._run_delivery_task, task.get_name())
+
+    def _heartbeat_accepted(self) -> None:
+        # The token works again (rotated, or re-registered on the backend): findings refused with 401 need not
+        # wait out the slow permanent-error retry.
+        if self.shipper is not None and (self.shipper.permanent_error or "").startswith("HTTP 401"):
+            self.shipper.wake()
 
     def _heartbeat(self, stopping: bool, interval_s: float) -> dict[str, Any]:
         assert self.identity is not None and self.spool is not None and self.shipper is not None

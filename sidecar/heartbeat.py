@@ -202,6 +202,7 @@ class Heartbeater:
         *,
         interval_s: float = 60.0,
         on_config_etag: Callable[[str], None] | None = None,
+        on_accepted: Callable[[], None] | None = None,
         timeout_s: float = 10.0,
     ) -> None:
         self.client = client
@@ -209,6 +210,7 @@ class Heartbeater:
         self.interval_s = interval_s
         self.configured_interval_s = interval_s
         self.on_config_etag = on_config_etag
+        self.on_accepted = on_accepted
         self.timeout_s = timeout_s
         self.sent = 0
         self.failed = 0
@@ -237,6 +239,8 @@ class Heartbeater:
             return self._failed(f"HTTP {reply.status}: {self.client.redact(reply.message())}", level)
         self.sent += 1
         self.last_error = None
+        if self.on_accepted is not None:
+            self.on_accepted()
         answer = reply.json()
         if isinstance(answer, dict):
             interval = answer.get("heartbeatIntervalS")

@@ -38,6 +38,7 @@ import contextlib
 import email.utils
 import gzip
 import logging
+import os
 import random
 import ssl
 import time
@@ -175,6 +176,12 @@ class CollectorClient:
             self._session = None
 
 
+def _fsync_quietly(fd: int) -> None:
+    # a segment deleted meanwhile (EBADF) has nothing left worth syncing
+    with contextlib.suppress(OSError):
+        os.fsync(fd)
+
+
 def retry_after(headers: Mapping[str, str]) -> float | None:
     """Seconds from a Retry-After header (delta-seconds or an HTTP date), bounded."""
     value = next((v for k, v in headers.items() if k.lower() == "retry-after"), None)
@@ -276,8 +283,9 @@ class Shipper:
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self.sync_interval_s)
-            if self.spool.dirty:
-                await loop.run_in_executor(None, self.spool.sync)
+            fd = self.spool.take_dirty_fd()
+            if fd is not None:
+                await loop.run_in_executor(None, _fsync_quietly, fd)
 
     async def _next_batch(self) -> Batch:
         while True:

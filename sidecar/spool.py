@@ -137,6 +137,7 @@ class Spool:
         self._next_seq = 1
         self._lock_fd: int | None = None
         self._dirty = False
+        self._rolled = False
         self.bytes = 0
         self.counters: Counter[str] = Counter()
         self.dropped_by_severity: Counter[str] = Counter({label: 0 for label in SEVERITY_LABELS})
@@ -296,6 +297,7 @@ class Spool:
                 os.fsync(seg.fd)  # a rolled segment is complete: make it durable once
             self._new_segment(seg.number + 1)
             seg = self._segments[-1]
+            self._rolled = True
         record = _HEADER.pack(len(body), zlib.crc32(body)) + body
         written = os.write(seg.fd, record)
         if written != len(record):
@@ -339,6 +341,11 @@ class Spool:
             entry.data = data
         self._index(entry, seg)
         heapq.heappush(self._heap, (severity, seq))
+        self._maybe_rebuild_heap()
+        if self._rolled:
+            # a storm with the backend away: superseded and dropped records pile up, reclaim as segments fill
+            self._rolled = False
+            self._reclaim()
         if self.memory_only:
             self._enforce_bounds()
         hook = self.on_put
@@ -403,6 +410,10 @@ class Spool:
                 self._append(b"A" + _REMOVE.pack(seq))
             except OSError as exc:
                 self._write_failed(exc)
+        self._maybe_rebuild_heap()
+
+    def _maybe_rebuild_heap(self) -> None:
+        # removed and superseded entries leave stale heap items behind; a storm of updates must not grow it
         if len(self._heap) > 2 * len(self._by_seq) + 64:
             self._heap = [(e.severity, e.seq) for e in self._by_seq.values()]
             heapq.heapify(self._heap)
@@ -531,9 +542,12 @@ class Spool:
             if self.counters["syncErrors"] == 1:
                 log.warning("spool fsync failed", extra={"error": str(exc)})
 
-    @property
-    def dirty(self) -> bool:
-        return self._dirty
+    def take_dirty_fd(self) -> int | None:
+        """The active segment's descriptor if written since the last call, for an fsync off the event loop."""
+        if not self._dirty or not self._segments:
+            return None
+        self._dirty = False
+        return self._segments[-1].fd
 
     def close(self) -> None:
         self.sync()

@@ -298,3 +298,25 @@ def test_peek_respects_count_and_bytes_but_returns_at_least_one(tmp_path: Path) 
     age = spool.oldest_age()
     assert age is not None and 0 <= age < 5
     spool.close()
+
+
+def test_a_storm_of_findings_and_updates_stays_within_its_bounds(tmp_path: Path) -> None:
+    d = tmp_path / "spool"
+    spool = Spool(d, max_findings=500, max_bytes=1 << 20, segment_bytes=64 << 10)
+    peak_files = 0
+    for i in range(30_000):
+        # 1500 distinct findings (375 of them critical), and 50 updated again and again; all severity bands
+        fid = f"f{i % 1500}" if i % 2 else f"hot{i % 50}"
+        severity = (2.0, 5.0, 8.0, 9.5)[i % 4]
+        spool.put(fid, severity, finding(fid, severity, count=i, pad=600))
+        if i % 500 == 0:
+            peak_files = max(peak_files, sum(p.stat().st_size for p in segments(d)))
+    assert len(spool) <= 500 and spool.bytes <= 1 << 20
+    assert len(spool._heap) <= 2 * len(spool) + 65, "stale heap items are cleaned up"
+    assert peak_files <= 2 * (1 << 20) + (64 << 10) + (8 << 10)
+    snap = spool.snapshot()
+    assert snap["dropped"] > 0 and snap["superseded"] > 0
+    assert snap["droppedBySeverity"]["CRITICAL"] == 0, "the 375 critical ones fit: only less severe ones dropped"
+    assert sum(1 for item in spool.peek(1000, 1 << 30) if orjson.loads(item.data)["severity"] == 9.5) == 375
+    spool.close()
+    assert len(Spool(d, max_findings=500, max_bytes=1 << 20)) == len(spool._by_seq)

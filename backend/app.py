@@ -69,7 +69,8 @@ def create_app(settings: BackendSettings, db: Database) -> web.Application:
             if exc.name != name:
                 raise
             continue  # being written
-        part.setup(app)
+        if hasattr(part, "setup"):
+            part.setup(app)
     return app
 
 

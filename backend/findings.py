@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import func, select, update
+from sqlalchemy import Table, bindparam, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -22,6 +22,8 @@ from backend.criteria import compile_conditions, parse_finding_criteria
 from backend.models import FilterRow, FindingRow
 
 log = logging.getLogger("backend.findings")
+
+FINDINGS: Table = FindingRow.__table__  # type: ignore[assignment]
 
 
 def iso_ms(ms: int) -> str:
@@ -126,7 +128,10 @@ class UpsertResult:
 
 def _insert(session: AsyncSession) -> Any:
     name = session.get_bind().dialect.name
-    return (postgresql.insert if name == "postgresql" else sqlite.insert)(FindingRow)
+    # the Table, not the ORM class: a plain executemany whose compiled form is cached (a multi-VALUES statement
+    # is compiled anew for every batch: 45 ms of 100 findings' 100 ms)
+    table = FINDINGS
+    return (postgresql.insert if name == "postgresql" else sqlite.insert)(table)
 
 
 async def upsert_findings(
@@ -150,10 +155,15 @@ async def upsert_findings(
                     FindingRow.updated_at,
                     FindingRow.epoch_created,
                     FindingRow.epoch_count,
-                ).where(FindingRow.detector_id == detector_id, FindingRow.id.in_(ids))
+                )
+                .where(FindingRow.detector_id == detector_id, FindingRow.id.in_(ids))
+                # PostgreSQL: the rows stay ours until commit, so a replica storing another version of one waits
+                # and then reads ours (SQLite has one writer at a time: BEGIN IMMEDIATE)
+                .with_for_update()
             )
         )
     }
+    updates: list[dict[str, Any]] = []
     new_rows = []
     new_ids: list[str] = []
     updated_ids: list[str] = []
@@ -191,31 +201,20 @@ async def upsert_findings(
         # created_at and first_seen stay the first life's; archived stays as people (or a rule) left it
         values = {k: v for k, v in cols.items() if k not in ("created_at", "first_seen")}
         values.update(count=total, epoch_created=cols["created_at"], epoch_count=n)
-        # compare-and-set on what was read: a replica storing another version meanwhile makes this one a no-op
-        upd = await session.execute(
-            update(FindingRow)
-            .where(
-                FindingRow.detector_id == detector_id,
-                FindingRow.id == fid,
-                FindingRow.count == old.count,
-                FindingRow.updated_at == old.updated_at,
-                FindingRow.epoch_created == old.epoch_created,
-            )
-            .values(**values, received_at=received_at, document=body)
-            .execution_options(synchronize_session=False)
-        )
-        if upd.rowcount:  # type: ignore[attr-defined]
-            updated_ids.append(fid)
-        else:
-            res.unchanged += 1
+        updates.append({**values, "received_at": received_at, "document": body, "b_detector": detector_id, "b_id": fid})
+        updated_ids.append(fid)
+    if updates:
+        # one executemany (its compiled form cached): per-row statements made updates 8x slower than inserts
+        table = FINDINGS
+        stmt = update(table).where(table.c.detector_id == bindparam("b_detector"), table.c.id == bindparam("b_id"))
+        await session.execute(stmt, updates)
     if new_rows:
         stmt = (
             _insert(session)
-            .values(new_rows)
             .on_conflict_do_nothing(index_elements=["detector_id", "id"])
-            .returning(FindingRow.id)
+            .returning(FINDINGS.c.id)
         )
-        inserted = set((await session.execute(stmt)).scalars())
+        inserted = set((await session.execute(stmt, new_rows)).scalars())
         # another replica stored the same delivery first: what it stored is what we had
         res.unchanged += len(new_ids) - len(inserted)
         new_ids = [i for i in new_ids if i in inserted]

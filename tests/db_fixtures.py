@@ -13,6 +13,7 @@ without tearing down, so a killed CI run leaves no server behind.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import pwd
@@ -207,6 +208,13 @@ def postgres_server() -> Iterator[PostgresServer]:
     """A PostgreSQL cluster for this test run (the newest installed version), removed at the end."""
     if shutil.which("setpriv") is None:
         pytest.fail("setpriv (util-linux) is needed to run the PostgreSQL server: apt-get install util-linux")
+    with running_postgres() as server:
+        yield server
+
+
+@contextlib.contextmanager
+def running_postgres() -> Iterator[PostgresServer]:
+    """A throwaway PostgreSQL cluster (the fixture's, and the backend benchmark's)."""
     bindir = find_postgres_bindir()
     user = _server_user()
     started = time.monotonic()

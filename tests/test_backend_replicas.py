@@ -45,6 +45,22 @@ def test_replicas_share_tokens_findings_and_rules(postgres_url: str, tmp_path: P
             DetectorId=DETECTOR, FindingCriteria={"Criterion": {"service.archived": {"Eq": ["true"]}}}
         )
         assert archived["FindingIds"] == [findings[-1]["id"]]  # fmt: skip
+        # two versions of one aggregate racing through both replicas: the newest wins, whatever the order
+        base = sample_finding(count=1)
+        v3 = sample_finding(fid=base["id"], count=3, updated=1_760_000_300)
+        v5 = sample_finding(fid=base["id"], count=5, updated=1_760_000_500)
+        assert a.send(token, [base])[0] == 200
+        racers = [
+            threading.Thread(target=lambda r=r, v=v: r.send(token, [v]))
+            for _ in range(5)
+            for r, v in ((a, v5), (b, v3), (b, v5), (a, v3))
+        ]
+        for t in racers:
+            t.start()
+        for t in racers:
+            t.join(60)
+        (got,) = gd_b.get_findings(DetectorId=DETECTOR, FindingIds=[base["id"]])["Findings"]
+        assert got["Service"]["Count"] == 5
     finally:
         a.stop()
         b.stop()

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import hashlib
+import ssl
 import threading
 import time
 from collections import Counter
@@ -107,8 +108,11 @@ class RequestRecord:
 
 
 class CollectorServer:
-    def __init__(self, token: str = "test-token", *, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self, token: str = "test-token", *, host: str = "127.0.0.1", port: int = 0, tls: ssl.SSLContext | None = None
+    ) -> None:
         self.token = token
+        self.tls = tls
         self.host = host
         self.port = port
         self.lock = threading.RLock()
@@ -141,7 +145,7 @@ class CollectorServer:
     # -- life cycle -------------------------------------------------------------------------------------------
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
 
     def __enter__(self) -> CollectorServer:
         return self.start()
@@ -182,7 +186,7 @@ class CollectorServer:
         app.router.add_get("/agent/v1/config", self._config)
         self._runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=0.5)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
+        site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True, ssl_context=self.tls)
         await site.start()
         if self.port == 0:
             self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]

@@ -6,6 +6,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
+import ssl
+import subprocess
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -375,6 +378,49 @@ async def test_a_refused_heartbeat_is_logged_once(server: CollectorServer, caplo
     assert beats.snapshot()["failed"] == 2 and "401" in str(beats.last_error)
 
 
+def make_certificates(d: Path) -> tuple[Path, Path, Path]:
+    """A private CA and a server certificate for 127.0.0.1 signed by it (openssl, as an operator would)."""
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True, timeout=30)
+
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+    openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=test-ca")
+    openssl("req", *ec, "-keyout", "srv.key", "-out", "srv.csr", "-subj", "/CN=collector")
+    (d / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
+    openssl("x509", "-req", "-in", "srv.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", "srv.pem", "-days", "2", "-extfile", "ext.cnf")  # fmt: skip
+    return d / "ca.pem", d / "srv.pem", d / "srv.key"
+
+
+async def test_tls_is_verified_against_the_ca_bundle(tmp_path: Path, spool: Spool) -> None:
+    ca, cert, key = make_certificates(tmp_path)
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(cert, key)
+    with CollectorServer(token=TOKEN, tls=tls) as server:
+        assert server.url.startswith("https://")
+        spool_finding(spool, "over-tls")
+        # without the private CA the server is not trusted: nothing is sent, the error says why
+        untrusting = CollectorClient(server.url, TOKEN)
+        shipper = Shipper(untrusting, spool, "agent-1", batch_max_age_s=0.05, backoff_cap_s=0.1)
+        task = asyncio.get_running_loop().create_task(shipper.run())
+        await asyncio.sleep(0.5)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await untrusting.close()
+        assert server.stored == {} and "CERTIFICATE_VERIFY_FAILED" in str(shipper.last_error)
+        # with it (RUNTIME_SIDECAR_CA_BUNDLE), delivered
+        trusting = CollectorClient(server.url, TOKEN, ca_bundle=str(ca))
+        shipper = Shipper(trusting, spool, "agent-1", batch_max_age_s=0.05)
+        task = asyncio.get_running_loop().create_task(shipper.run())
+        try:
+            await server.await_until(lambda s: "over-tls" in s.stored, timeout=10)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await trusting.close()
+
+
 def test_retry_after_forms() -> None:
     assert retry_after({"Retry-After": "3"}) == 3.0
     assert retry_after({"retry-after": "0.5"}) == 0.5
@@ -451,3 +497,24 @@ def test_the_sidecar_delivers_spools_through_sigkill_and_flushes_at_sigterm(task
         assert last["delivery"]["findingsSent"] >= 2 and last["delivery"]["findingsEmitted"] >= 1
         assert server.heartbeat_errors == []
         assert set(server.stored.values()) == {1}, "every finding stored exactly once"
+
+
+def test_sigterm_with_the_backend_away_exits_in_budget_and_keeps_the_spool(task_env: TaskEnv, tmp_path: Path) -> None:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+    state = tmp_path / "state"
+    args = ["--collector-url", url, "--state-dir", str(state), "--stop-flush-timeout-s", "1.5"]
+    sidecar = task_env.start_detecting(tmp_path, args, {"RUNTIME_SIDECAR_TOKEN": TOKEN})
+    assert task_env.run("app", ["sh", "-c", "cp /bin/sleep /tmp/nmap && /tmp/nmap 0.5"])[0] == 0
+    nmap = sidecar.wait_for_finding(tool_at("/tmp/nmap"), timeout=20)
+    t0 = time.monotonic()
+    assert sidecar.stop(timeout=15) == 0
+    assert time.monotonic() - t0 < 5
+    stopped = [r for r in sidecar.logs() if r.get("msg") == "delivery stopped"]
+    assert stopped and stopped[0]["sentAll"] is False and stopped[0]["leftInSpool"] >= 1
+    spool = Spool(state / "spool")
+    try:
+        assert nmap["id"] in spool, "left in the spool for the next start"
+    finally:
+        spool.close()

@@ -35,8 +35,8 @@ VENV_BIN = Path(__file__).resolve().parent.parent / ".venv" / "bin"
 
 
 class BackendThread:
-    def __init__(self, database_url: str, **settings: Any) -> None:
-        self.settings = BackendSettings(database_url=database_url, host="127.0.0.1", port=0, **settings)
+    def __init__(self, database_url: str, *, port: int = 0, **settings: Any) -> None:
+        self.settings = BackendSettings(database_url=database_url, host="127.0.0.1", port=port, **settings)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="backend", daemon=True)
         self.server = Server(self.settings)

@@ -125,6 +125,13 @@ class Settings(BaseSettings):
             raise ValueError("must start with http:// or https://")
         return v
 
+    @field_validator("ca_bundle")
+    @classmethod
+    def _readable(cls, v: str | None) -> str | None:
+        if v is not None and not os.access(v, os.R_OK):
+            raise ValueError("no readable file there")
+        return v
+
     @classmethod
     def settings_customise_sources(
         cls,

@@ -153,9 +153,9 @@ class CollectorClient:
         headers: Mapping[str, str] | None = None,
         timeout_s: float = 30.0,
     ) -> Reply:
-        session = self._open()
         self.requests += 1
         try:
+            session = self._open()  # a CA bundle that went missing fails here, like any TLS problem
             async with session.request(
                 method,
                 self.base_url + path,

@@ -9,10 +9,12 @@ import logging
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import botocore.session
 import pytest
 from botocore.validate import validate_parameters
+from moto_server import MotoEndpoint
 
 from backend.manager import cli, inject
 from backend.manager.inject import (
@@ -39,12 +41,12 @@ SPEC = SidecarSpec(
 ECS_MODEL = botocore.session.get_session().get_service_model("ecs")
 
 
-def valid_for_register(doc: dict) -> None:
+def valid_for_register(doc: dict[str, Any]) -> None:
     """Raises botocore's ParamValidationError if RegisterTaskDefinition would refuse ``doc`` client-side."""
     validate_parameters(doc, ECS_MODEL.operation_model("RegisterTaskDefinition").input_shape)
 
 
-def fargate_task(task_cpu: str = "512", task_memory: str = "1024", **container: object) -> dict:
+def fargate_task(task_cpu: str = "512", task_memory: str = "1024", **container: object) -> dict[str, Any]:
     return {
         "family": "web",
         "requiresCompatibilities": ["FARGATE"],
@@ -72,12 +74,13 @@ def fargate_task(task_cpu: str = "512", task_memory: str = "1024", **container: 
     }
 
 
-def sidecar_of(doc: dict) -> dict:
+def sidecar_of(doc: dict[str, Any]) -> dict[str, Any]:
+    c: dict[str, Any]
     (c,) = [c for c in doc["containerDefinitions"] if c["name"] == "runtime-sidecar"]
     return c
 
 
-def test_fargate_task_gets_the_sidecar_as_the_issue_specifies():
+def test_fargate_task_gets_the_sidecar_as_the_issue_specifies() -> None:
     original = fargate_task()
     before = copy.deepcopy(original)
     out = inject.inject(original, SPEC)
@@ -107,7 +110,7 @@ def test_fargate_task_gets_the_sidecar_as_the_issue_specifies():
     assert "dependsOn" not in side
 
 
-def test_inject_is_idempotent_and_leaves_other_dependencies():
+def test_inject_is_idempotent_and_leaves_other_dependencies() -> None:
     task = fargate_task(dependsOn=[{"containerName": "worker", "condition": "START"}])
     once = inject.inject(task, SPEC)
     twice = inject.inject(once, SPEC)
@@ -120,7 +123,7 @@ def test_inject_is_idempotent_and_leaves_other_dependencies():
     assert has_sidecar(once) and not has_sidecar(task)
 
 
-def test_has_sidecar_by_image_repository_under_another_name():
+def test_has_sidecar_by_image_repository_under_another_name() -> None:
     task = fargate_task()
     task["containerDefinitions"].append(
         {"name": "agent", "image": "111111111111.dkr.ecr.eu-west-1.amazonaws.com/runtime-sidecar@sha256:" + "a" * 64}
@@ -129,7 +132,7 @@ def test_has_sidecar_by_image_repository_under_another_name():
     assert inject.inject(task, SPEC) == inject.register_input(task)
 
 
-def test_describe_output_from_moto_is_accepted_registered_and_recognised(moto_endpoint):
+def test_describe_output_from_moto_is_accepted_registered_and_recognised(moto_endpoint: MotoEndpoint) -> None:
     ecs = moto_endpoint.client("ecs")
     registered = ecs.register_task_definition(**fargate_task())["taskDefinition"]
     described = ecs.describe_task_definition(taskDefinition="web", include=["TAGS"])
@@ -158,7 +161,7 @@ def test_describe_output_from_moto_is_accepted_registered_and_recognised(moto_en
         ({"cpu": None}, None, "task-level cpu and memory"),
     ],
 )
-def test_refusals_say_why(change, platform_version, message):
+def test_refusals_say_why(change: dict[str, Any], platform_version: str | None, message: str) -> None:
     task = fargate_task()
     task.update(change)
     if task.get("cpu") is None:
@@ -168,11 +171,11 @@ def test_refusals_say_why(change, platform_version, message):
 
 
 @pytest.mark.parametrize("version", ["1.4.0", "LATEST", "1.4.1", None])
-def test_platform_versions_that_have_pid_mode_task(version):
+def test_platform_versions_that_have_pid_mode_task(version: str | None) -> None:
     assert inject.inject(fargate_task(), SPEC, platform_version=version)["pidMode"] == "task"
 
 
-def test_no_room_for_an_eleventh_container_or_beyond_fargate_largest_size():
+def test_no_room_for_an_eleventh_container_or_beyond_fargate_largest_size() -> None:
     task = fargate_task()
     task["containerDefinitions"] += [{"name": f"c{i}", "image": "busybox"} for i in range(8)]
     with pytest.raises(InjectError, match="10 containers"):
@@ -192,13 +195,13 @@ def test_no_room_for_an_eleventh_container_or_beyond_fargate_largest_size():
         ({"memory": 100, "memory_reservation": 128}, "exceeds its limit"),
     ],
 )
-def test_bad_specs_are_refused(spec_change, message):
+def test_bad_specs_are_refused(spec_change: dict[str, Any], message: str) -> None:
     spec = SidecarSpec(**{**SPEC.__dict__, **spec_change})
     with pytest.raises(InjectError, match=message):
         inject.inject(fargate_task(), spec)
 
 
-def test_ssm_parameter_token_is_accepted():
+def test_ssm_parameter_token_is_accepted() -> None:
     spec = SidecarSpec(**{**SPEC.__dict__, "token_secret_arn": "arn:aws:ssm:us-east-1:123456789012:parameter/rs/token"})
     assert sidecar_of(inject.inject(fargate_task(), spec))["secrets"][0]["valueFrom"].endswith("parameter/rs/token")
 
@@ -218,7 +221,9 @@ def test_ssm_parameter_token_is_accepted():
         ("256", "2048", {"cpu": 256, "memory": 1792}, ("512", "2048")),
     ],
 )
-def test_fargate_task_size_stays_valid(cpu, memory, web, expected):
+def test_fargate_task_size_stays_valid(
+    cpu: str, memory: str, web: dict[str, Any], expected: tuple[str, str] | None
+) -> None:
     task = fargate_task(cpu, memory, **web)
     if web:
         task["containerDefinitions"].pop()  # only the declared container
@@ -229,11 +234,11 @@ def test_fargate_task_size_stays_valid(cpu, memory, web, expected):
     valid_for_register(out)
 
 
-def test_fargate_size_is_the_cheapest_valid_combination_for_every_need():
+def test_fargate_size_is_the_cheapest_valid_combination_for_every_need() -> None:
     pairs = [(c, m) for c, ms in FARGATE_SIZES.items() for m in ms]
     assert len(pairs) == 3 + 4 + 7 + 13 + 23 + 12 + 12  # the official table's counts per CPU size
 
-    def price(p):
+    def price(p: tuple[int, int]) -> float:
         return p[0] / 1024 * 9.1 + p[1] / 1024
 
     cpus = [128, 256, 300, 512, 1024, 1500, 2048, 4096, 8192, 16384, 20000]
@@ -248,7 +253,7 @@ def test_fargate_size_is_the_cheapest_valid_combination_for_every_need():
         assert price(got) == min(price(p) for p in holding), (cpu, mem, got)
 
 
-def test_ec2_task_without_task_size_keeps_none_and_warns_about_bridge_networking(caplog):
+def test_ec2_without_task_size_keeps_none_and_warns_about_bridge_networking(caplog: pytest.LogCaptureFixture) -> None:
     task = {
         "family": "legacy",
         "containerDefinitions": [{"name": "app", "image": "busybox", "memory": 256, "essential": True}],
@@ -260,7 +265,7 @@ def test_ec2_task_without_task_size_keeps_none_and_warns_about_bridge_networking
     valid_for_register(out)
 
 
-def test_ec2_task_with_task_size_grows_exactly():
+def test_ec2_task_with_task_size_grows_exactly() -> None:
     task = {
         "family": "ec2",
         "requiresCompatibilities": ["EC2"],
@@ -273,7 +278,7 @@ def test_ec2_task_with_task_size_grows_exactly():
     assert (out["cpu"], out["memory"]) == ("384", "768")
 
 
-def test_log_group_explicit_or_created_when_the_app_has_none():
+def test_log_group_explicit_or_created_when_the_app_has_none() -> None:
     task = fargate_task()
     for c in task["containerDefinitions"]:
         c.pop("logConfiguration", None)
@@ -284,7 +289,7 @@ def test_log_group_explicit_or_created_when_the_app_has_none():
     assert opts["awslogs-group"] == "/security/agents" and "awslogs-create-group" not in opts
 
 
-def test_extra_environment_is_passed():
+def test_extra_environment_is_passed() -> None:
     spec = SidecarSpec(**{**SPEC.__dict__, "extra_environment": {"RUNTIME_SIDECAR_LOG_LEVEL": "DEBUG"}})
     env = {e["name"]: e["value"] for e in sidecar_of(inject.inject(fargate_task(), spec))["environment"]}
     assert env["RUNTIME_SIDECAR_LOG_LEVEL"] == "DEBUG"
@@ -298,7 +303,7 @@ def run_manager(*args: str, stdin: str | None = None) -> subprocess.CompletedPro
 INJECT_FLAGS = ["--image", SPEC.image, "--collector-url", SPEC.collector_url, "--token-secret-arn", SECRET]
 
 
-def test_cli_inject_file_and_describe_output_on_stdin(tmp_path):
+def test_cli_inject_file_and_describe_output_on_stdin(tmp_path: Path) -> None:
     path = tmp_path / "td.json"
     path.write_text(json.dumps(fargate_task()))
     done = run_manager("inject", str(path), *INJECT_FLAGS, "--env", "RUNTIME_SIDECAR_LOG_LEVEL=DEBUG")
@@ -315,7 +320,7 @@ def test_cli_inject_file_and_describe_output_on_stdin(tmp_path):
     assert json.loads(again.stdout) == out
 
 
-def test_cli_inject_refusal_is_one_line_and_exit_1(tmp_path):
+def test_cli_inject_refusal_is_one_line_and_exit_1(tmp_path: Path) -> None:
     task = fargate_task()
     task["runtimePlatform"] = {"operatingSystemFamily": "WINDOWS_SERVER_2019_FULL"}
     path = tmp_path / "td.json"
@@ -328,7 +333,9 @@ def test_cli_inject_refusal_is_one_line_and_exit_1(tmp_path):
     assert bad.returncode == 2 and "missing.json" in bad.stderr
 
 
-def test_cli_skips_command_modules_not_written_yet_but_not_broken_ones(tmp_path, monkeypatch):
+def test_cli_skips_command_modules_not_written_yet_but_not_broken_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     parser = cli.build_parser(["backend.manager.inject", "backend.manager.no_such_module"])
     args = parser.parse_args(["--endpoint-url", "http://127.0.0.1:1", "inject", "x.json", *INJECT_FLAGS])
     assert args.func is not None and args.endpoint_url == "http://127.0.0.1:1"

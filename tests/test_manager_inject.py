@@ -9,12 +9,11 @@ import logging
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import botocore.session
 import pytest
 from botocore.validate import validate_parameters
-from moto_server import MotoEndpoint
 
 from backend.manager import cli, inject
 from backend.manager.inject import (
@@ -28,6 +27,8 @@ from backend.manager.inject import (
 )
 
 pytest_plugins = ["moto_server"]
+if TYPE_CHECKING:
+    from moto_server import MotoEndpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 MANAGER = [str(ROOT / ".venv" / "bin" / "python"), "-m", "backend.manager.cli"]

@@ -297,8 +297,11 @@ class LibraryDetector(Detector):
                 return ()
             if missing:
                 reason = "ld_preload_missing"
-        elif reason == "new_file" and p.container is None and path.startswith(SYSTEM_LIBRARY_DIRS):
-            self.skipped["host_package_upgrade"] += 1
+        elif reason == "new_file" and p.container is None:
+            # A host's software changes all the time (package upgrades, pip, builds): as for NewBinaryExecuted,
+            # "created after start" means after its container started, and a host process has none. LD_PRELOAD,
+            # memfd and deleted libraries are still judged for host processes.
+            self.skipped["host_package_upgrade" if path.startswith(SYSTEM_LIBRARY_DIRS) else "host_new_file"] += 1
             return ()
         context: dict[str, Any] = {"libraryPath": path, "ldPreloadValue": _str(data.get("ldPreloadValue"))}
         context["reason"] = reason

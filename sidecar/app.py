@@ -1,8 +1,16 @@
-"""The agent's event loop: probe, identity, process source, outputs, signals.
+"""The agent's event loop: probe, identity, process source, outputs, delivery, signals.
 
 One asyncio process. The process source runs as a task; if it fails, the
 sidecar falls back to the next source the probe allows (degrades) instead of
 exiting, because a dead sidecar protects nothing.
+
+With a collector URL, every finding goes into the spool (sidecar/spool.py) as
+it is emitted, and three tasks talk to the backend: the shipper
+(sidecar/shipper.py), heartbeats (sidecar/heartbeat.py) and the remote
+configuration (sidecar/remote_config.py), which swaps the detection engine when
+a new policy arrives. At SIGTERM the sources stop, the engine is flushed, the
+shipper gets ``stop_flush_timeout_s`` to send what is spooled, a last heartbeat
+says ``stopping``, and what could not be sent stays spooled for the next start.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
 import orjson
+from yarl import URL
 
 from collectors.budget import CpuBudget
 from collectors.events import RuntimeEvent
@@ -257,10 +266,9 @@ class Sidecar:
             self._delivery_runs["config"] = self.remote_config.run
         for name in self._delivery_runs:
             self._run_delivery_task(name)
-        log.info(
-            "delivering findings",
-            extra={"collector": url, "agentId": self.agent_id, "spool": self.spool.snapshot()},
-        )
+        shown = str(URL(url).with_user(None))  # credentials in the URL are not for the logs
+        extra = {"collector": shown, "agentId": self.agent_id, "spool": self.spool.snapshot()}
+        log.info("delivering findings", extra=extra)
 
     def _run_delivery_task(self, name: str) -> None:
         if self._stop.is_set():

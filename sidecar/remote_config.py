@@ -3,7 +3,7 @@
 ``GET /agent/v1/config`` at start and every ``config_poll_interval_s`` (60 s),
 and at once when a heartbeat's answer names another etag::
 
-    If-None-Match: "<etag>"            ->  304 (nothing to do, nothing rebuilt)
+    If-None-Match: "<etag>"[, "<refused etag>"]  ->  304 (nothing to do, nothing rebuilt)
                                        ->  200, ETag: "<etag>"
     {"etag": "<etag>",
      "policy": {<policy document, as detectors.policy accepts; its threat_lists/trusted_lists are ignored>},
@@ -195,7 +195,9 @@ class RemoteConfig:
     async def poll(self) -> str:
         """One GET; returns "applied", "unchanged", "refused", "none" (404) or "failed"."""
         self.counters["polls"] += 1
-        headers = {"If-None-Match": f'"{self.etag}"'} if self.etag else {}
+        # the refused one too: the backend then answers 304 until it serves another, not the same body again
+        known = [f'"{e}"' for e in (self.etag, self.refused_etag) if e]
+        headers = {"If-None-Match": ", ".join(known)} if known else {}
         try:
             reply = await self.client.request("GET", CONFIG_PATH, headers=headers, timeout_s=self.timeout_s)
         except TransportError as exc:

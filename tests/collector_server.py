@@ -394,7 +394,7 @@ class CollectorServer:
         if config is None or etag is None:
             self._record(request, 404)
             return self._error(404, "no configuration")
-        if request.headers.get("If-None-Match") == f'"{etag}"':
+        if f'"{etag}"' in {t.strip() for t in request.headers.get("If-None-Match", "").split(",")}:
             self._record(request, 304)
             return web.Response(status=304)
         self._record(request, 200)

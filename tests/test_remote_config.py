@@ -114,7 +114,9 @@ async def test_a_broken_configuration_is_refused_and_reported(
     bad = server.set_config({"rules": [{**RULE, "condition": {"field": "proc.nam", "equals": "curl"}}]})
     with caplog.at_level(logging.ERROR, logger="sidecar"):
         assert await rc.poll() == "refused"
-        assert await rc.poll() == "refused"
+        assert await rc.poll() == "unchanged", "the refused one is not fetched again"
+    assert config_requests(server)[-1].if_none_match == f'"{good}", "{bad}"'
+    assert config_requests(server)[-1].status == 304
     assert rc.etag == good and len(applied.policies) == 1, "the current configuration stays"
     assert rc.error is not None and bad in rc.error and "proc.nam" in rc.error
     assert len([r for r in caplog.records if "refused" in r.getMessage()]) == 1, "logged once"

@@ -84,6 +84,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     local.add_argument("--findings-out", default="findings.jsonl", help="the sidecar's findings as JSON lines too")
     local.add_argument("--no-sidecar", action="store_true", help="only the backend")
+    _add_operator_parser(sub)
     return p
 
 
@@ -239,6 +240,8 @@ async def _run(args: argparse.Namespace, settings: config.BackendSettings) -> in
         return 0
     if args.command == "policy":
         return await _policy(args, settings)
+    if args.command == "operator":
+        return await _operator(args, settings)
     if args.command == "intel":
         from backend.db import open_database
         from backend.intel_sets import FetchLimits, refresh_sets
@@ -283,6 +286,23 @@ async def _policy(args: argparse.Namespace, settings: config.BackendSettings) ->
     ok = await _with_session(settings, lambda s: agent_config.delete_policy(s, args.account, args.cluster))
     return 0 if ok else 1
 
+
+# -- operator: who may sign in to the console (backend/console/cli.py) ------------------------------------------
+
+
+def _add_operator_parser(sub: Any) -> None:
+    from backend.console.cli import add_parser
+
+    add_parser(sub)
+
+
+async def _operator(args: argparse.Namespace, settings: config.BackendSettings) -> int:
+    from backend.console.cli import run
+
+    return await run(args, settings)
+
+
+# -- end of operator -----------------------------------------------------------------------------------------------
 
 if __name__ == "__main__":  # pragma: no cover
     os.environ.setdefault("PYTHONUNBUFFERED", "1")

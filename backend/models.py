@@ -105,13 +105,15 @@ class FindingRow(Base):
     received_at: Mapped[int] = mapped_column(BigInteger)
     document: Mapped[str] = mapped_column(Text)  # the finding as JSON (camelCase, GetFindings' shape)
     __table_args__ = (
-        Index("ix_findings_updated", "detector_id", "updated_at"),
-        Index("ix_findings_archived_updated", "detector_id", "archived", "updated_at"),
-        Index("ix_findings_type", "detector_id", "type"),
-        Index("ix_findings_severity", "detector_id", "severity"),
-        Index("ix_findings_cluster", "detector_id", "cluster_name"),
-        Index("ix_findings_task", "detector_id", "task_arn"),
-        Index("ix_findings_family", "detector_id", "task_family"),
+        # Each filter column is followed by (updated_at, id): ListFindings' default order (newest first, id
+        # breaking ties) is then read off the index, 50 rows at a time, instead of sorting every match.
+        Index("ix_findings_updated", "detector_id", "updated_at", "id"),
+        Index("ix_findings_archived_updated", "detector_id", "archived", "updated_at", "id"),
+        Index("ix_findings_type", "detector_id", "type", "updated_at", "id"),
+        Index("ix_findings_severity", "detector_id", "severity", "updated_at", "id"),
+        Index("ix_findings_cluster", "detector_id", "cluster_name", "updated_at", "id"),
+        Index("ix_findings_task", "detector_id", "task_arn", "updated_at", "id"),
+        Index("ix_findings_family", "detector_id", "task_family", "updated_at", "id"),
     )
 
 

@@ -20,7 +20,10 @@ from bench import process_capture
 def main() -> None:
     p = argparse.ArgumentParser(prog="python -m bench")
     p.add_argument(
-        "suite", nargs="?", default="process", choices=["process", "packets", "sockets", "intel", "detectors", "backend"]
+        "suite",
+        nargs="?",
+        default="process",
+        choices=["process", "packets", "sockets", "intel", "detectors", "backend"],
     )
     p.add_argument("--quick", action="store_true", help="fewer samples, shorter windows")
     args = p.parse_args()

@@ -132,13 +132,13 @@ def upgrade() -> None:
         sa.Column("document", sa.Text(), nullable=False),
         sa.PrimaryKeyConstraint("detector_id", "id"),
     )
-    op.create_index("ix_findings_archived_updated", "findings", ["detector_id", "archived", "updated_at"])
-    op.create_index("ix_findings_cluster", "findings", ["detector_id", "cluster_name"])
-    op.create_index("ix_findings_family", "findings", ["detector_id", "task_family"])
-    op.create_index("ix_findings_severity", "findings", ["detector_id", "severity"])
-    op.create_index("ix_findings_task", "findings", ["detector_id", "task_arn"])
-    op.create_index("ix_findings_type", "findings", ["detector_id", "type"])
-    op.create_index("ix_findings_updated", "findings", ["detector_id", "updated_at"])
+    op.create_index("ix_findings_archived_updated", "findings", ["detector_id", "archived", "updated_at", "id"])
+    op.create_index("ix_findings_cluster", "findings", ["detector_id", "cluster_name", "updated_at", "id"])
+    op.create_index("ix_findings_family", "findings", ["detector_id", "task_family", "updated_at", "id"])
+    op.create_index("ix_findings_severity", "findings", ["detector_id", "severity", "updated_at", "id"])
+    op.create_index("ix_findings_task", "findings", ["detector_id", "task_arn", "updated_at", "id"])
+    op.create_index("ix_findings_type", "findings", ["detector_id", "type", "updated_at", "id"])
+    op.create_index("ix_findings_updated", "findings", ["detector_id", "updated_at", "id"])
     op.create_table(
         "intel_sets",
         sa.Column("id", sa.String(length=32), nullable=False),

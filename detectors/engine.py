@@ -118,6 +118,13 @@ class DetectorEngine:
         exe = d.process.executable_path if d.process is not None else None
         return (d.type, container, exe, *d.key)
 
+    def adopt(self, old: DetectorEngine) -> None:
+        """Take over from ``old`` (a new policy): its pending updates are emitted, then its aggregated findings
+        (their counts) and the container start times it learnt carry on here."""
+        old.flush(force=True)
+        self.aggregator = old.aggregator
+        self.ctx.container_start = old.ctx.container_start
+
     def flush(self, *, force: bool = False) -> int:
         """Detections detectors held back that are due, then aggregated updates that are due (all with force)."""
         now = self.clock()

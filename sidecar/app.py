@@ -317,12 +317,8 @@ class Sidecar:
         new = await loop.run_in_executor(
             None, build_engine, self.settings, self.identity, self.table, self.on_finding, policy
         )
-        old = self.engine
-        if old is not None:
-            old.flush(force=True)
-            # aggregated findings keep their counts, and container start times stay known
-            new.aggregator = old.aggregator
-            new.ctx.container_start = old.ctx.container_start
+        if self.engine is not None:
+            new.adopt(self.engine)
         self.engine = new
         self.engine_swaps += 1
         log.info("detection engine rebuilt", extra={"policy": policy.snapshot(), "swaps": self.engine_swaps})

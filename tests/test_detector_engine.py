@@ -179,6 +179,24 @@ def test_repeats_aggregate_and_updates_are_rate_limited(real_process: tuple[Proc
     assert eng.flush(force=True) == 1 and out[-1]["service"]["count"] == 2
 
 
+def test_a_new_engine_adopts_the_old_ones_aggregates(real_process: tuple[ProcessTable, ProcessInfo]) -> None:
+    """A new policy swaps the engine: the counts of aggregated findings go on, pending updates are not lost."""
+    table, info = real_process
+    out: list[dict[str, Any]] = []
+    clock = Clock()
+    old = engine(table, out, clock, detectors=[SeesExec], update_interval=10.0)
+    for _ in range(3):
+        clock.now += 1
+        old.on_event(RuntimeEvent("process.exec", info, time=clock.now))
+    new = engine(table, out, clock, detectors=[SeesExec], update_interval=10.0)
+    new.adopt(old)
+    assert out[-1]["service"]["count"] == 3  # the old engine's pending update went out
+    clock.now += 1
+    new.on_event(RuntimeEvent("process.exec", info, time=clock.now))
+    assert new.flush(force=True) == 1
+    assert out[-1]["service"]["count"] == 4 and out[-1]["id"] == out[0]["id"]
+
+
 def test_ids_are_stable_across_engines(real_process: tuple[ProcessTable, ProcessInfo]) -> None:
     table, info = real_process
     a: list[dict[str, Any]] = []

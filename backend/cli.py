@@ -85,6 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     local.add_argument("--findings-out", default="findings.jsonl", help="the sidecar's findings as JSON lines too")
     local.add_argument("--no-sidecar", action="store_true", help="only the backend")
     _add_operator_parser(sub)
+    _add_exports_parser(sub)
     return p
 
 
@@ -242,6 +243,8 @@ async def _run(args: argparse.Namespace, settings: config.BackendSettings) -> in
         return await _policy(args, settings)
     if args.command == "operator":
         return await _operator(args, settings)
+    if args.command == "exports":
+        return await _exports(args, settings)
     if args.command == "intel":
         from backend.db import open_database
         from backend.intel_sets import FetchLimits, refresh_sets
@@ -286,6 +289,23 @@ async def _policy(args: argparse.Namespace, settings: config.BackendSettings) ->
     ok = await _with_session(settings, lambda s: agent_config.delete_policy(s, args.account, args.cluster))
     return 0 if ok else 1
 
+
+# -- exports: check an exports file, list and replay dead letters (backend/exports/cli.py) ----------------------
+
+
+def _add_exports_parser(sub: Any) -> None:
+    from backend.exports.cli import add_parser
+
+    add_parser(sub)
+
+
+async def _exports(args: argparse.Namespace, settings: config.BackendSettings) -> int:
+    from backend.exports.cli import run
+
+    return await run(args, settings)
+
+
+# -- end of exports ----------------------------------------------------------------------------------------------
 
 # -- operator: who may sign in to the console (backend/console/cli.py) ------------------------------------------
 

@@ -54,6 +54,15 @@ class BackendSettings(BaseSettings):
     intel_refresh_interval_s: float = Field(
         3600.0, ge=0, description="Re-fetch every active list this often (feeds change); 0: only when updated."
     )
+    # -- exports (backend/exports) ----------------------------------------------------------------------------------
+    exports_file: str | None = Field(
+        None,
+        description=(
+            "The exporters' configuration (TOML, YAML or JSON; see backend/exports/config.py): EventBridge, Security"
+            " Hub, S3, webhooks. Unset: nothing is exported. Check one with 'runtime-backend exports check FILE'."
+        ),
+    )
+    # -- end of exports ----------------------------------------------------------------------------------------------
 
     @field_validator("database_url")
     @classmethod

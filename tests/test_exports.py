@@ -298,6 +298,26 @@ def test_put_events_throttled_by_eventbridge_is_retried(moto_endpoint: MotoEndpo
     assert (h["sent"], h["failedAttempts"], h["retries"], h["deadLettered"]) == (1, 2, 2, 0)
 
 
+def test_a_refused_entry_is_failed_alone_and_not_retried(moto_endpoint: MotoEndpoint) -> None:
+    from backend.exports.config import EventBridgeConfig, parse_exports
+    from backend.exports.eventbridge import EventBridgeExporter
+
+    rule = RuleQueue(moto_endpoint, {"source": ["aws.guardduty"]})
+    cfg = parse_exports({"exporters": [{"name": "bus", "type": "eventbridge", "region": REGION}]}).exporters[0]
+    assert isinstance(cfg, EventBridgeConfig)
+    cfg.endpoint_url = moto_endpoint.url
+    exporter = EventBridgeExporter(cfg)
+    good = exporter.item(sample_finding())
+    bad = exporter.item(sample_finding())
+    bad.body["Detail"] = '{"not json'  # as a target refusing one entry of the batch (PutEvents' FailedEntryCount)
+    failures = asyncio.run(exporter.export([good, bad]))
+    assert [(f.item.finding_id, f.retryable) for f in failures] == [(bad.finding_id, False)]
+    assert failures[0].error.startswith("MalformedDetail")
+    [event] = rule.wait(1)
+    assert event["detail"]["id"] == good.finding_id
+    exporter.client.close()
+
+
 def test_coverage_changes_are_eventbridge_events(moto_endpoint: MotoEndpoint, backends: Backends) -> None:
     from test_coverage import HEALTHY_SOURCES, heartbeat
 

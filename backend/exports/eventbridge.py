@@ -2,10 +2,13 @@
 
 Findings (EventBridge reference, "Amazon GuardDuty events"; GuardDuty User Guide, "Creating custom responses to
 GuardDuty findings with Amazon EventBridge"): ``source`` "aws.guardduty", ``detail-type`` "GuardDuty Finding"
-(both configurable: a bus shared with the real GuardDuty may want another source, since "aws." sources are
-reserved on the default bus of accounts where AWS enforces it), ``detail`` the finding exactly as GetFindings
-returns it (camelCase), ``resources`` empty, ``time`` the finding's ``updatedAt``. A rule like
+(both configurable), ``detail`` the finding exactly as GetFindings returns it (camelCase), ``resources`` empty,
+``time`` the finding's ``updatedAt``. A rule like
 ``{"source": ["aws.guardduty"], "detail": {"type": ["Execution:Runtime/ReverseShell"]}}`` matches.
+
+"aws." sources belong to AWS services: EventBridge may refuse them from PutEvents (per-entry error
+NotAuthorizedForSourceException, dead-lettered with a hint). Then set ``source`` to one of your own (say
+"runtime.guardduty") and match it in the rules; everything else in the event stays GuardDuty's.
 
 Limits: at most 10 entries per call and 256 KiB per request, counted as EventBridge counts (``Time`` 14 bytes,
 then the UTF-8 bytes of Source, DetailType, Detail and each resource). An entry alone over the limit is
@@ -177,9 +180,10 @@ class EventBridgeExporter(AwsExporter):
             for item, result in zip(chunk, resp.get("Entries") or [], strict=False):
                 code = result.get("ErrorCode")
                 if code:
-                    failures.append(
-                        Failure(item, f"{code}: {result.get('ErrorMessage')}", code in RETRYABLE_ENTRY_CODES)
-                    )
+                    msg = f"{code}: {result.get('ErrorMessage')}"
+                    if code == "NotAuthorizedForSourceException":
+                        msg += f" (set another `source` than {self.config.source!r} in the exports file)"
+                    failures.append(Failure(item, msg, code in RETRYABLE_ENTRY_CODES))
         return failures
 
     # -- coverage changes -------------------------------------------------------------------------------------

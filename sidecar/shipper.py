@@ -26,7 +26,10 @@ How the Shipper behaves:
   per distinct error with the server's message (never the token), keep the
   findings in the spool (up to its bound), and are retried every
   ``permanent_retry_s`` (5 min) or when :meth:`Shipper.wake` is called: never
-  a hot loop. Detection goes on meanwhile.
+  a hot loop. Detection goes on meanwhile. Except a 400 that names one finding
+  (``"field": "findings[3]..."``): that finding is set aside in
+  ``<spool dir>/rejected/<id>.json`` with the reason, counted as rejected, and
+  the rest of the batch goes at once: one bad finding does not block a task.
 - Compression runs in the default executor for large batches, sending is
   async: nothing of it runs on the detection path.
 """
@@ -40,6 +43,7 @@ import gzip
 import logging
 import os
 import random
+import re
 import ssl
 import time
 import uuid
@@ -199,6 +203,20 @@ def retry_after(headers: Mapping[str, str]) -> float | None:
     return min(max(seconds, 0.0), MAX_RETRY_AFTER_S)
 
 
+MAX_REJECTED_KEPT = 100
+_FINDING_FIELD = re.compile(r"^findings\[(\d+)\]")
+
+
+def _rejected_index(reply: Reply, batch_len: int) -> int | None:
+    """The batch position of the one finding a 400 names (``"field": "findings[3].severity"``), if it names one."""
+    data = reply.json()
+    field_name = data.get("field") if isinstance(data, dict) else None
+    m = _FINDING_FIELD.match(field_name) if isinstance(field_name, str) else None
+    if m is None or int(m.group(1)) >= batch_len:
+        return None
+    return int(m.group(1))
+
+
 @dataclass(slots=True)
 class Batch:
     items: list[SpoolItem]
@@ -346,6 +364,8 @@ class Shipper:
             self._delivered(batch)
         elif status == 413:
             self._split(batch, reply)
+        elif status == 400 and (index := _rejected_index(reply, len(batch.items))) is not None:
+            self._reject_one(batch, index, self.client.redact(reply.message()))
         elif status in (429, 503) or status >= 500 or status == 408:
             await self._transient(f"HTTP {status}: {self.client.redact(reply.message())}", retry_after(reply.headers))
         else:
@@ -374,6 +394,38 @@ class Shipper:
         self._pending.extendleft([Batch(batch.items[half:]), Batch(batch.items[:half])])
         self.counters["splits"] += 1
         log.info("batch too large for the backend, split in halves", extra={"findings": len(batch.items)})
+
+    def _reject_one(self, batch: Batch, index: int, message: str) -> None:
+        """The backend named one finding it cannot read: set it aside for inspection and send the others now.
+
+        One malformed finding (a bug of ours, or a schema the backend does not know yet) must not hold every
+        other finding of the task back until someone fixes it.
+        """
+        self._pending.popleft()
+        item = batch.items[index]
+        self._keep_rejected(item, message)
+        self.spool.discard(item.seq, f"HTTP 400: {message}")
+        rest = [it for i, it in enumerate(batch.items) if i != index]
+        if rest:
+            self._pending.appendleft(Batch(rest))
+        self._note_error(f"HTTP 400: {message}")
+
+    def _keep_rejected(self, item: SpoolItem, message: str) -> None:
+        """``<spool dir>/rejected/<id>.json``: the finding and why, at most MAX_REJECTED_KEPT files."""
+        directory = self.spool.directory
+        if directory is None or self.spool.memory_only:
+            return
+        where = directory / "rejected"
+        try:
+            where.mkdir(exist_ok=True)
+            if sum(1 for _ in where.iterdir()) >= MAX_REJECTED_KEPT:
+                return
+            name = "".join(c for c in item.fid if c.isalnum() or c in "-_")[:64] or "finding"
+            (where / f"{name}.json").write_bytes(
+                orjson.dumps({"error": message, "finding": orjson.loads(item.data)}, option=orjson.OPT_INDENT_2)
+            )
+        except (OSError, orjson.JSONDecodeError) as exc:
+            log.warning("cannot keep a rejected finding for inspection", extra={"error": str(exc)})
 
     def _note_error(self, error: str) -> None:
         self.last_error = error

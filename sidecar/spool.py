@@ -384,10 +384,10 @@ class Spool:
             heapq.heappop(self._heap)
         return None
 
-    def _count_drop(self, severity: float) -> None:
+    def _count_drop(self, severity: float, *, overflow: bool = True) -> None:
         self.counters["dropped"] += 1
         self.dropped_by_severity[severity_label(severity)] += 1
-        if self.counters["dropped"] in (1, 10, 100) or self.counters["dropped"] % 1000 == 0:
+        if overflow and (self.counters["dropped"] in (1, 10, 100) or self.counters["dropped"] % 1000 == 0):
             log.warning(
                 "spool full: lowest-severity findings dropped",
                 extra={"dropped": self.counters["dropped"], "bySeverity": dict(self.dropped_by_severity)},
@@ -469,12 +469,14 @@ class Spool:
         return n
 
     def discard(self, seq: int, why: str) -> None:
-        """Forget one finding the backend will never take (too large even alone), counted as dropped."""
+        """Forget one finding the backend will never take (too large, or unreadable to it): counted as rejected,
+        and in the drops by severity (it never reaches the backend: coverage must say so), without the
+        "spool full" warning."""
         entry = self._by_seq.get(seq)
         if entry is None:
             return
         self._remove(seq)
-        self._count_drop(entry.severity)
+        self._count_drop(entry.severity, overflow=False)
         self.counters["rejected"] += 1
         log.error("finding rejected by the backend, dropped from the spool", extra={"id": entry.fid, "why": why})
 

@@ -203,16 +203,36 @@ async def test_401_is_permanent_logged_once_kept_spooled_and_never_a_hot_loop(
         await rig.close()
 
 
-async def test_400_names_the_field_and_is_permanent(server: CollectorServer, spool: Spool) -> None:
+async def test_a_finding_the_backend_cannot_read_is_set_aside_and_the_rest_goes(
+    server: CollectorServer, spool: Spool
+) -> None:
+    bad = make_finding("bad")
+    bad["severity"] = 42
+    spool_finding(spool, "good-1")
+    spool.put("bad", 5.0, orjson.dumps(bad))
+    spool_finding(spool, "good-2")
+    rig = Rig(server, spool, batch_max_age_s=0.3)
+    try:
+        await server.await_until(lambda s: len(s.stored) == 2, timeout=5)
+        assert set(server.stored) == {"good-1", "good-2"}
+        assert [r.status for r in server.findings_requests()] == [400, 200]
+        await server.await_until(lambda s: len(spool) == 0, timeout=5)
+        assert spool.snapshot()["rejected"] == 1 and spool.snapshot()["droppedBySeverity"]["MEDIUM"] == 1
+        kept = orjson.loads((spool.directory / "rejected" / "bad.json").read_bytes())  # type: ignore[operator]
+        assert "findings[1].severity" in kept["error"] and kept["finding"]["severity"] == 42
+    finally:
+        await rig.close()
+
+
+async def test_a_400_about_the_batch_itself_is_permanent(server: CollectorServer, spool: Spool) -> None:
+    server.reject_status = 400  # no "field": the backend cannot tell which finding
     rig = Rig(server, spool)
     try:
-        bad = make_finding("bad")
-        bad["severity"] = 42
-        spool.put("bad", 5.0, orjson.dumps(bad))
+        spool_finding(spool, "f0")
         await server.await_until(lambda s: len(s.findings_requests()) == 1, timeout=5)
         await asyncio.sleep(0.5)
         assert [r.status for r in server.findings_requests()] == [400]
-        assert "findings[0].severity" in str(rig.shipper.snapshot()["permanentError"])
+        assert "HTTP 400" in str(rig.shipper.snapshot()["permanentError"])
         assert len(spool) == 1
     finally:
         await rig.close()

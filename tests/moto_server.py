@@ -142,10 +142,6 @@ class MotoServer:
         self.throttler.clear()
         self._post("/moto-api/reset")
 
-    def configure(self, config: dict[str, Any]) -> None:
-        """moto's runtime configuration (``/moto-api/config``): ``{"iam": {"load_aws_managed_policies": True}}``."""
-        self._post("/moto-api/config", config)
-
 
 class MotoEndpoint:
     """What a test gets: the URL, an AwsConfig for the manager's code, and boto3 clients against it."""
@@ -155,15 +151,21 @@ class MotoEndpoint:
         self.url = server.url
         self.region = REGION
         self.account = ACCOUNT
+        self._clients: dict[tuple[str, str], Any] = {}
 
     def config(self, region: str | None = None, **kwargs: Any) -> AwsConfig:
         # one botocore attempt: the tests that throttle want to see the manager's own backoff
         return AwsConfig(region=region or self.region, endpoint_url=self.url, botocore_max_attempts=1, **kwargs)
 
     def client(self, service: str, region: str | None = None) -> Any:
-        return boto3.session.Session(region_name=region or self.region).client(
-            service, endpoint_url=self.url, config=Config(retries={"total_max_attempts": 1})
-        )
+        """A plain boto3 client (one attempt, no retries) for arranging and checking state; one per service and
+        region per test, since building a client costs a tenth of a second."""
+        key = (service, region or self.region)
+        if key not in self._clients:
+            self._clients[key] = boto3.session.Session(region_name=key[1]).client(
+                service, endpoint_url=self.url, config=Config(retries={"total_max_attempts": 1})
+            )
+        return self._clients[key]
 
     def throttle(self, action: str, times: int, code: str = "ThrottlingException") -> None:
         """The next ``times`` calls of ``action`` get AWS's throttling error ``code`` (see Throttler)."""

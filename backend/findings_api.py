@@ -65,6 +65,10 @@ async def _set_archived(req: ApiRequest, archived: bool) -> dict[str, Any]:
             .values(archived=archived, archived_by="user" if archived else None)
             .execution_options(synchronize_session=False)
         )
+        from backend.exports import archive_changed
+
+        # exporters that mirror the workflow state (Security Hub) hear of it once this transaction commits
+        archive_changed(req.session, req.app, req.detector_id, ids)
     return {}
 
 

@@ -10,6 +10,14 @@ GuardDuty reports ECS coverage per cluster: one ``CoverageResource`` per cluster
 tasks is, with the per-task problems in ``fargateDetails.issues``. A task whose agent said it stops leaves
 coverage at once, as a stopped task leaves GuardDuty's. The console wants the task level:
 :func:`task_coverage`.
+
+Heartbeats only tell about tasks that run an agent. ``runtime-manager`` reports the control plane's view
+(``backend.control_plane``: ECS's running tasks and, for each, why it has no agent), and the two are merged here:
+a task ECS runs with the sidecar is HEALTHY if its agent reports and UNHEALTHY "Agent not reporting" if it never
+did; a task the manager gives an issue (not provisioned, agent exited) is UNHEALTHY with it; a cluster-wide issue
+(the VPC endpoint could not be created) makes its cluster UNHEALTHY; an agent's task that ECS no longer lists has
+stopped, even if the agent never said so. A manager that stopped reporting is ignored after
+CONTROL_PLANE_FRESH_MS: coverage falls back to the heartbeats alone.
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ from backend.api import ApiRequest, next_token, operation, parse_page
 from backend.errors import BadRequest
 from backend.findings import iso_ms
 from backend.ingest import AgentError, _validation_error
-from backend.models import CoverageRow
+from backend.models import ControlPlaneCluster, ControlPlaneTask, CoverageRow, Detector
 from backend.tenancy import TokenIdentity, now_ms
 
 HEALTHY = "HEALTHY"
@@ -56,6 +64,25 @@ ISSUE_NOT_REPORTING = "Agent not reporting"
 ISSUE_CANNOT_DELIVER = "Agent cannot deliver findings"
 ISSUE_NO_PROCESS_SOURCE = "Agent runs without a process source"
 ISSUE_DROPPED = "Agent dropped findings"
+# GuardDuty's issue kinds that only the control plane (runtime-manager) can see
+ISSUE_NOT_PROVISIONED = "Agent not provisioned"
+ISSUE_EXITED = "Agent exited"
+ISSUE_VPC_ENDPOINT = "VPC endpoint creation failed"
+TASK_ISSUE_KINDS = (
+    ISSUE_NOT_REPORTING,
+    ISSUE_CANNOT_DELIVER,
+    ISSUE_NO_PROCESS_SOURCE,
+    ISSUE_DROPPED,
+    ISSUE_NOT_PROVISIONED,
+    ISSUE_EXITED,
+)
+# GuardDuty's ManagementType of a cluster's agents: the manager adds them (AUTO_MANAGED), a tag excludes the
+# cluster (DISABLED), or they are the user's business (MANUAL: no manager, or a cluster it does not manage).
+AUTO_MANAGED, MANUAL, DISABLED = "AUTO_MANAGED", "MANUAL", "DISABLED"
+# The manager reports every few minutes; a view older than this is from a manager that stopped.
+CONTROL_PLANE_FRESH_MS = 3_600_000
+# Before its first heartbeat is due, a task that ECS started with the sidecar is not yet "not reporting".
+FIRST_HEARTBEAT_S = 60
 
 _TASK_ARN = re.compile(
     r"^arn:(?P<partition>aws[a-z-]*):ecs:(?P<region>[a-z0-9-]+):(?P<account>\d{12}):"
@@ -293,11 +320,7 @@ def task_status(row: CoverageRow, now_ms: int, misses: int) -> tuple[str, str | 
 
 def issue_kinds(issue: str) -> list[str]:
     """The fixed phrases of a task's issue ("Agent not reporting", ...), for counting tasks by problem."""
-    kinds = [
-        kind
-        for kind in (ISSUE_NOT_REPORTING, ISSUE_CANNOT_DELIVER, ISSUE_NO_PROCESS_SOURCE, ISSUE_DROPPED)
-        if kind + ":" in issue
-    ]
+    kinds = [kind for kind in TASK_ISSUE_KINDS if kind + ":" in issue]
     return kinds or [issue]
 
 
@@ -305,14 +328,58 @@ def task_id_of(task_arn: str) -> str:
     return task_arn.rsplit("/", 1)[-1]
 
 
+def merged_status(
+    row: CoverageRow | None, plane: ControlPlaneTask | None, now_ms: int, misses: int
+) -> tuple[str, str | None]:
+    """(status, issue) of a task from its agent's heartbeats (``row``) and what ECS says of it (``plane``).
+
+    The manager's issue wins: it comes from ECS itself (the task definition has no sidecar, the sidecar container
+    exited), which no heartbeat can contradict. A task that runs the sidecar and never sent a heartbeat is not
+    reporting once its first heartbeat is overdue (as late as a silent agent's would make it UNHEALTHY).
+    """
+    if plane is not None and plane.issue:
+        return UNHEALTHY, plane.issue
+    if row is not None:
+        return task_status(row, now_ms, misses)
+    assert plane is not None, "a task is known from its heartbeats, the control plane, or both"
+    started = plane.started_at
+    if started is not None and now_ms - started <= misses * FIRST_HEARTBEAT_S * 1000:
+        return HEALTHY, None
+    since = f" since {iso_ms(started)}" if started is not None else ""
+    return UNHEALTHY, f"{ISSUE_NOT_REPORTING}: the task runs the sidecar{since} but its agent sent no heartbeat"
+
+
 # -- clusters (GuardDuty's CoverageResource for ECS) -------------------------------------------------------------
 
 
 @dataclass
 class TaskCoverage:
-    row: CoverageRow
+    """One task: its agent's coverage row (None: never heard from), what ECS said of it (None: no manager)."""
+
+    row: CoverageRow | None
     status: str
     issue: str | None
+    plane: ControlPlaneTask | None = None
+
+    @property
+    def task_arn(self) -> str:
+        if self.row is not None:
+            return self.row.task_arn
+        assert self.plane is not None
+        return self.plane.task_arn
+
+    @property
+    def launch_type(self) -> str | None:
+        if self.row is not None and self.row.launch_type:
+            return self.row.launch_type
+        return self.plane.launch_type if self.plane is not None else None
+
+    @property
+    def updated_at_ms(self) -> int:
+        if self.row is not None:
+            return self.row.last_heartbeat
+        assert self.plane is not None
+        return self.plane.reported_at
 
 
 @dataclass
@@ -321,6 +388,8 @@ class ClusterCoverage:
     account_id: str
     arn: str | None = None
     tasks: list[TaskCoverage] = field(default_factory=list)
+    # the manager's view of the cluster (None: nobody reports the control plane, or it stopped)
+    plane: ControlPlaneCluster | None = None
 
     @property
     def resource_id(self) -> str:
@@ -328,15 +397,33 @@ class ClusterCoverage:
 
     @property
     def status(self) -> str:
+        if self.plane is not None and self.plane.issue:
+            return UNHEALTHY
         return UNHEALTHY if any(t.status == UNHEALTHY for t in self.tasks) else HEALTHY
 
     @property
+    def management_type(self) -> str:
+        return self.plane.management_type if self.plane is not None else MANUAL
+
+    @property
+    def healthy_tasks(self) -> int:
+        return sum(1 for t in self.tasks if t.status == HEALTHY)
+
+    @property
+    def coverage(self) -> float:
+        """Healthy tasks / all tasks (1.0 for a cluster without tasks: nothing runs unprotected)."""
+        return self.healthy_tasks / len(self.tasks) if self.tasks else 1.0
+
+    @property
     def updated_at_ms(self) -> int:
-        return max(t.row.last_heartbeat for t in self.tasks)
+        times = [t.updated_at_ms for t in self.tasks]
+        if self.plane is not None:
+            times.append(self.plane.reported_at)
+        return max(times)
 
     @property
     def agent_versions(self) -> set[str]:
-        return {t.row.agent_version for t in self.tasks}
+        return {t.row.agent_version for t in self.tasks if t.row is not None}
 
     @property
     def issue(self) -> str | None:
@@ -344,19 +431,20 @@ class ClusterCoverage:
         for t in self.tasks:
             if t.issue:
                 kinds.update(issue_kinds(t.issue))
-        if not kinds:
-            return None
+        parts = [self.plane.issue] if self.plane is not None and self.plane.issue else []
         total = len(self.tasks)
-        return "; ".join(f"{n} of {total} tasks: {kind}" for kind, n in sorted(kinds.items(), key=lambda kv: -kv[1]))
+        parts += [f"{n} of {total} tasks: {kind}" for kind, n in sorted(kinds.items(), key=lambda kv: (-kv[1], kv[0]))]
+        return "; ".join(parts) or None
 
     def wire(self, detector_id: str) -> dict[str, Any]:
         unhealthy = [t for t in self.tasks if t.issue]
-        issues = [f"task {task_id_of(t.row.task_arn)}: {t.issue}" for t in unhealthy[:MAX_TASK_ISSUES]]
+        issues = [self.plane.issue] if self.plane is not None and self.plane.issue else []
+        issues += [f"task {task_id_of(t.task_arn)}: {t.issue}" for t in unhealthy[:MAX_TASK_ISSUES]]
         if len(unhealthy) > MAX_TASK_ISSUES:
             issues.append(f"and {len(unhealthy) - MAX_TASK_ISSUES} more tasks with issues (the console lists all)")
         # An agent on an EC2 container instance is counted as GuardDuty counts instances; issues of every task,
         # EC2 or Fargate, go in fargateDetails.issues, the model's only list of issues for ECS.
-        ec2 = [t for t in self.tasks if t.row.launch_type == "EC2"]
+        ec2 = [t for t in self.tasks if t.launch_type == "EC2"]
         out: dict[str, Any] = {
             "resourceId": self.resource_id,
             "detectorId": detector_id,
@@ -367,7 +455,7 @@ class ClusterCoverage:
                 "resourceType": "ECS",
                 "ecsClusterDetails": {
                     "clusterName": self.name,
-                    "fargateDetails": {"issues": issues, "managementType": "MANUAL"},
+                    "fargateDetails": {"issues": issues, "managementType": self.management_type},
                     "containerInstanceDetails": {
                         "coveredContainerInstances": sum(1 for t in ec2 if t.status == HEALTHY),
                         "compatibleContainerInstances": len(ec2),
@@ -394,19 +482,86 @@ async def _task_rows(
     return list((await session.execute(stmt)).scalars())
 
 
+@dataclass
+class ControlPlaneView:
+    """What the manager last reported, if recently: clusters by name, the tasks ECS runs by ARN."""
+
+    clusters: dict[str, ControlPlaneCluster]
+    tasks: dict[str, ControlPlaneTask]
+
+    def lists_tasks_of(self, cluster_name: str) -> ControlPlaneCluster | None:
+        """The cluster's view if the manager lists its tasks (it does not in clusters it does not manage)."""
+        c = self.clusters.get(cluster_name)
+        return c if c is not None and c.management_type != MANUAL else None
+
+    def ended(self, row: CoverageRow) -> bool:
+        """ECS no longer runs the agent's task: the manager listed its cluster after its last heartbeat."""
+        c = self.lists_tasks_of(row.cluster_name)
+        return c is not None and row.task_arn not in self.tasks and row.last_heartbeat < c.reported_at
+
+
+async def control_plane_view(session: AsyncSession, detector_id: str, now_ms: int) -> ControlPlaneView:
+    clusters = {
+        c.cluster_name: c
+        for c in (
+            await session.execute(
+                select(ControlPlaneCluster).where(
+                    ControlPlaneCluster.detector_id == detector_id,
+                    ControlPlaneCluster.reported_at >= now_ms - CONTROL_PLANE_FRESH_MS,
+                )
+            )
+        ).scalars()
+    }
+    tasks: dict[str, ControlPlaneTask] = {}
+    if clusters:
+        rows = await session.execute(select(ControlPlaneTask).where(ControlPlaneTask.detector_id == detector_id))
+        # a cluster's tasks are as fresh as its report (they are replaced with it)
+        tasks = {t.task_arn: t for t in rows.scalars() if t.cluster_name in clusters}
+    return ControlPlaneView(clusters, tasks)
+
+
+def _visible(plane: ControlPlaneCluster, has_tasks: bool) -> bool:
+    # A cluster the manager covers is listed even with nothing running (GuardDuty lists it too); one it leaves
+    # to the user or that a tag excludes only when something runs there or something is wrong with it.
+    return has_tasks or bool(plane.issue) or plane.management_type == AUTO_MANAGED
+
+
 async def cluster_coverage(session: AsyncSession, detector_id: str, now_ms: int, misses: int) -> list[ClusterCoverage]:
     # A detector has tens of clusters and at most thousands of live tasks: computing status in Python over all
     # of them is cheaper than teaching SQL the rules, and keeps one definition of them (task_status).
+    view = await control_plane_view(session, detector_id, now_ms)
     clusters: dict[str, ClusterCoverage] = {}
-    for row in await _task_rows(session, detector_id, now_ms, stopped_since=None):
-        c = clusters.get(row.cluster_name)
+
+    def cluster(name: str, account_id: str) -> ClusterCoverage:
+        c = clusters.get(name)
         if c is None:
-            c = clusters[row.cluster_name] = ClusterCoverage(row.cluster_name, row.account_id)
-        status, issue = task_status(row, now_ms, misses)
-        c.tasks.append(TaskCoverage(row, status, issue))
+            c = clusters[name] = ClusterCoverage(name, account_id, plane=view.clusters.get(name))
+            if c.plane is not None:
+                c.arn = c.plane.cluster_arn
+        return c
+
+    planned = dict(view.tasks)
+    for row in await _task_rows(session, detector_id, now_ms, stopped_since=None):
+        if view.ended(row):
+            continue
+        plane = planned.pop(row.task_arn, None)
+        c = cluster(row.cluster_name, row.account_id)
+        status, issue = merged_status(row, plane, now_ms, misses)
+        c.tasks.append(TaskCoverage(row, status, issue, plane))
         if row.cluster_arn and (c.arn is None or row.last_heartbeat >= c.updated_at_ms):
             c.arn = row.cluster_arn
-    return list(clusters.values())
+    for plane in planned.values():
+        c = cluster(plane.cluster_name, plane.account_id)
+        status, issue = merged_status(None, plane, now_ms, misses)
+        c.tasks.append(TaskCoverage(None, status, issue, plane))
+    empty = [name for name, cp in view.clusters.items() if name not in clusters and _visible(cp, False)]
+    if empty:
+        detector = await session.get(Detector, detector_id)
+        for name in empty:
+            cluster(name, detector.account_id if detector is not None else "")
+    for c in clusters.values():
+        c.tasks.sort(key=lambda t: t.task_arn)
+    return [c for c in clusters.values() if c.plane is None or _visible(c.plane, bool(c.tasks))]
 
 
 # -- ListCoverage / GetCoverageStatistics ------------------------------------------------------------------------
@@ -420,7 +575,7 @@ _CRITERIA: dict[str, Callable[[ClusterCoverage], set[str]]] = {
     "RESOURCE_TYPE": lambda c: {"ECS"},
     "COVERAGE_STATUS": lambda c: {c.status},
     "AGENT_VERSION": lambda c: c.agent_versions,
-    "MANAGEMENT_TYPE": lambda c: {"MANUAL"},
+    "MANAGEMENT_TYPE": lambda c: {c.management_type},
     "CLUSTER_ARN": lambda c: {c.arn} if c.arn else set(),
     "ADDON_VERSION": lambda c: set(),
     "EKS_CLUSTER_NAME": lambda c: set(),
@@ -565,13 +720,36 @@ async def get_coverage_statistics(req: ApiRequest) -> dict[str, Any]:
 # -- the console's view: one row per task ------------------------------------------------------------------------
 
 
+def _plane_wire(plane: ControlPlaneTask | None) -> dict[str, Any] | None:
+    if plane is None:
+        return None
+    return {
+        "lastStatus": plane.last_status,
+        "startedAt": iso_ms(plane.started_at) if plane.started_at is not None else None,
+        "issue": plane.issue,
+        "detail": orjson.loads(plane.detail or "{}"),
+        "reportedAt": iso_ms(plane.reported_at),
+    }
+
+
 async def task_coverage(session: AsyncSession, detector_id: str, now_ms: int, misses: int) -> list[dict[str, Any]]:
     """Every task heard from recently, by cluster then task: status and issue as in ListCoverage, plus tasks that
-    stopped within STOPPED_VISIBLE_MS (status STOPPED), and what their agents last reported."""
+    stopped within STOPPED_VISIBLE_MS (status STOPPED), and what their agents last reported.
+
+    Tasks the manager reports (``controlPlane``: ECS's view) are merged in: those without an agent have None in
+    the agent's fields; an agent's task that ECS no longer lists is STOPPED."""
+    view = await control_plane_view(session, detector_id, now_ms)
     rows = await _task_rows(session, detector_id, now_ms, stopped_since=now_ms - STOPPED_VISIBLE_MS)
+    planned = dict(view.tasks)
     out: list[dict[str, Any]] = []
-    for row in sorted(rows, key=lambda r: (r.cluster_name, r.task_arn)):
-        status, issue = task_status(row, now_ms, misses)
+    for row in rows:
+        plane = planned.pop(row.task_arn, None)
+        if view.ended(row):
+            if row.last_heartbeat < now_ms - STOPPED_VISIBLE_MS:
+                continue
+            status, issue = STOPPED, None
+        else:
+            status, issue = merged_status(row, plane, now_ms, misses)
         hb = orjson.loads(row.heartbeat)
         sources: dict[str, Any] = hb.get("sources") or {}
         out.append(
@@ -599,6 +777,41 @@ async def task_coverage(session: AsyncSession, detector_id: str, now_ms: int, mi
                 "resources": hb.get("resources"),
                 "configEtag": hb.get("configEtag"),
                 "configError": hb.get("configError"),
+                "controlPlane": _plane_wire(plane),
             }
         )
+    for plane in planned.values():
+        status, issue = merged_status(None, plane, now_ms, misses)
+        cluster = view.clusters[plane.cluster_name]
+        td = plane.task_definition_arn
+        out.append(
+            {
+                "clusterName": plane.cluster_name,
+                "clusterArn": cluster.cluster_arn,
+                "taskArn": plane.task_arn,
+                "taskId": task_id_of(plane.task_arn),
+                "taskDefinitionArn": td,
+                # arn:...:task-definition/FAMILY:REVISION
+                "family": td.rsplit("/", 1)[-1].rsplit(":", 1)[0] if td else None,
+                "launchType": plane.launch_type,
+                "hostMode": False,
+                "agentId": None,
+                "agentVersion": None,
+                "sourcesEnabled": [],
+                "sources": {},
+                "firstSeen": None,
+                "lastHeartbeat": None,
+                "lastHeartbeatMs": None,
+                "intervalS": None,
+                "status": status,
+                "issue": issue,
+                "delivery": {},
+                "counters": {},
+                "resources": None,
+                "configEtag": None,
+                "configError": None,
+                "controlPlane": _plane_wire(plane),
+            }
+        )
+    out.sort(key=lambda t: (t["clusterName"], t["taskArn"]))
     return out

@@ -3,10 +3,11 @@
 
 import { s } from "./dom.js";
 
+/** An even axis maximum at or above v, so that the middle tick is a whole number too. */
 function niceMax(v) {
-  if (v <= 5) return 5;
+  if (v <= 10) return Math.max(2, Math.ceil(v / 2) * 2);
   const p = 10 ** Math.floor(Math.log10(v));
-  for (const m of [1, 2, 2.5, 5, 10]) if (m * p >= v) return m * p;
+  for (const m of [1, 2, 4, 5, 8, 10]) if (m * p >= v) return m * p;
   return 10 * p;
 }
 

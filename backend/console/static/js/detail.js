@@ -153,14 +153,20 @@ function timelineCard(data) {
     h("td", { colspan: 5 }, h("span", { class: "tag hot" }, label), " ", s.title || s.type));
   for (const e of tl.events) {
     while (m < marks.length && marks[m][0] <= e.time) { rows.push(mark(...marks[m])); m += 1; }
-    const doc = h("pre", { class: "json" }, JSON.stringify(e.document, null, 2));
+    const json = h("tr", { class: "event-json", hidden: true },
+      h("td", { colspan: 6 }, h("pre", { class: "json" }, JSON.stringify(e.document, null, 2))));
+    const toggle = h("button", { type: "button", class: "link event-toggle", "aria-expanded": "false",
+      onclick: () => {
+        json.hidden = !json.hidden;
+        toggle.setAttribute("aria-expanded", String(!json.hidden));
+      } }, "event");
     rows.push(h("tr", { class: e.related ? "related" : null },
       h("td", { class: "time" }, fmtTime(e.time)),
       h("td", {}, h("span", { class: "kind" }, e.kind)),
       h("td", {}, orDash(e.containerName)),
       h("td", {}, orDash(e.processName), e.pid !== null && e.pid !== undefined ? h("div", { class: "sub" }, `pid ${e.pid}`) : null),
       h("td", { class: "mono wrap" }, orDash(e.executablePath), e.commandLine ? h("div", { class: "sub mono" }, e.commandLine) : null),
-      h("td", {}, h("details", {}, h("summary", {}, "event"), doc))));
+      h("td", {}, toggle)), json);
   }
   while (m < marks.length) { rows.push(mark(...marks[m])); m += 1; }
   const note = tl.from !== null

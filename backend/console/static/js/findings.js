@@ -198,7 +198,7 @@ export function findingsView(root, params) {
       h("td", { class: "finding-cell" },
         h("a", { href: findingRoute(f.detectorId, f.id), class: "title" }, orDash(f.title)),
         h("div", { class: "sub" }, f.type, f.archived ? h("span", { class: "tag" }, "archived") : null)),
-      h("td", {}, orDash(f.clusterName), h("div", { class: "sub" }, f.accountId)),
+      h("td", {}, orDash(f.clusterName), h("div", { class: "sub account" }, f.accountId)),
       h("td", {}, h("span", { class: "mono" }, orDash(f.taskId)), h("div", { class: "sub" }, orDash(f.family))),
       h("td", {}, orDash(f.containerName), h("div", { class: "sub" }, orDash(f.image))),
       h("td", { class: "mono wrap" }, orDash(f.executablePath)),

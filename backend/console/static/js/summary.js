@@ -28,7 +28,7 @@ export function summaryView(root, params) {
     h("label", { class: "filter" }, "Period",
       h("select", { name: "days", onchange: (e) => { days = e.target.value; sync(); } },
         PERIODS.map(([v, t]) => h("option", { value: v, selected: v === days }, t)))),
-    h("label", { class: "filter" },
+    h("label", { class: "filter inline" },
       h("input", { type: "checkbox", name: "archived", checked: archived, onchange: (e) => { archived = e.target.checked; sync(); } }),
       " include archived"));
   replace(root, h("div", { class: "view-head" }, h("h1", {}, "Summary")), controls, body);
@@ -54,10 +54,10 @@ export function summaryView(root, params) {
         h("span", { class: "n" }, String(data.totals[k])), h("span", {}, k)))),
       h("section", { class: "card" },
         h("h2", {}, `Findings by severity, per ${data.bucketMs < 86400000 ? "hour" : "day"} (UTC)`),
-        stackedBars(data.bySeverity, keys, label, { id: "severity-chart" }),
+        stackedBars(data.bySeverity, keys, label, { id: "severity-chart", width: 1200, height: 280 }),
         h("div", { class: "legend" }, keys.map((k) => h("span", { class: `key band-${k.toLowerCase()}` }, k))),
         h("p", { class: "muted" }, `From ${fmtTime(data.from)} to ${fmtTime(data.to)}, by the time each finding was first reported.`)),
-      h("div", { class: "detail-grid" },
+      h("div", { class: "summary-grid" },
         h("section", { class: "card" }, h("h2", {}, "Findings by type"),
           data.byType.length ? h("table", { class: "grid", id: "types-table" },
             h("thead", {}, h("tr", {}, h("th", {}, "Type"), h("th", {}, "Over time"), h("th", {}, "Findings"))),

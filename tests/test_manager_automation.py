@@ -14,8 +14,15 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import boto3
@@ -40,6 +47,8 @@ pytest_plugins = ["moto_server"]
 if TYPE_CHECKING:
     from moto_server import MotoEndpoint
 
+ROOT = Path(__file__).resolve().parent.parent
+MANAGER = [sys.executable, "-m", "backend.manager.cli"]
 ACCOUNT, REGION = "123456789012", "us-east-1"
 IMAGE = f"{ACCOUNT}.dkr.ecr.{REGION}.amazonaws.com/runtime-sidecar:0.1.0"
 COLLECTOR = "https://collector.example.com"
@@ -434,3 +443,53 @@ def test_throttled_calls_are_retried_with_backoff(world: EcsWorld, moto_endpoint
     with pytest.raises(ThrottledError):
         world.manager(settings(), backoff=Backoff(sleep=lambda s: None, max_attempts=3)).run_once()
     assert moto_endpoint.throttled.count("ListClusters") == 3
+
+
+def test_run_keeps_going_and_stops_at_sigterm(world: EcsWorld, moto_endpoint: MotoEndpoint, tmp_path: Any) -> None:
+    """`run` as ECS runs it: a process that loops, survives a failed run (the backend is down), and ends at
+    SIGTERM promptly even while it waits to retry the backend."""
+    world.cluster("prod")
+    world.service("prod", "web", world.task_definition("web"))
+    with socket.socket() as s:  # a port nothing listens on: the backend is down
+        s.bind(("127.0.0.1", 0))
+        down = f"http://127.0.0.1:{s.getsockname()[1]}"
+    env = {
+        **os.environ,
+        "RUNTIME_MANAGER_IMAGE": IMAGE,
+        "RUNTIME_MANAGER_COLLECTOR_URL": COLLECTOR,
+        "RUNTIME_MANAGER_TOKEN_SECRET_ARN": SECRET_TEMPLATE,
+        "RUNTIME_MANAGER_BACKEND_URL": down,
+        "RUNTIME_MANAGER_ACCESS_KEY_ID": "AKRTEXAMPLE",
+        "RUNTIME_MANAGER_SECRET_ACCESS_KEY": "secret",
+    }
+    stderr = tmp_path / "stderr"
+    with stderr.open("w") as err:
+        proc = subprocess.Popen(
+            [*MANAGER, *moto_endpoint.cli_args(), "--log-level", "INFO", "run", "--interval", "1"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            cwd=ROOT,
+        )
+    try:
+        deadline = time.monotonic() + 20
+        while not world.describe_service("prod", "web")["taskDefinition"].endswith("web:2"):
+            assert proc.poll() is None, stderr.read_text()
+            assert time.monotonic() < deadline, "the service was never rolled: " + stderr.read_text()
+            time.sleep(0.2)
+        time.sleep(0.5)  # into the wait before the backend's second attempt
+        assert proc.poll() is None, stderr.read_text()
+        stopped_at = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0, stderr.read_text()
+        assert time.monotonic() - stopped_at < 3, "SIGTERM did not cut the backend's retry wait short"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    lines = [json.loads(line) for line in stderr.read_text().splitlines() if line.startswith("{")]
+    msgs = [line["msg"] for line in lines]
+    assert "runtime-manager running" in msgs and "service rolled onto the sidecar" in msgs
+    (failed,) = [line for line in lines if line["msg"] == "run failed; retrying at the next interval"]
+    assert "did not take the coverage report" in failed["exc"]
+    assert len(world.revisions("web")) == 2

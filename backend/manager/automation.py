@@ -20,6 +20,13 @@ Each run also gives every VPC of the covered services an interface endpoint to t
 (``backend.manager.network``, when ``endpoint_service_name`` is set) and reports the control plane's view of
 coverage to the backend (``backend.manager.coverage_report``, when ``backend_url`` and an access key are set).
 
+The manager's IAM permissions: ecs:ListClusters, DescribeClusters, ListServices, DescribeServices,
+DescribeTaskDefinition, RegisterTaskDefinition, TagResource, UpdateService, ListTasks, DescribeTasks;
+iam:PassRole on the task definitions' execution and task roles (registering a revision passes them again);
+ec2:DescribeSubnets, DescribeVpcs, DescribeVpcAttribute, DescribeVpcEndpoints, DescribeVpcEndpointServices,
+DescribeSecurityGroups, CreateSecurityGroup, AuthorizeSecurityGroupIngress, CreateVpcEndpoint, CreateTags, and for
+`cleanup` DeleteVpcEndpoints and DeleteSecurityGroup.
+
 Settings come from a file (``--config`` or RUNTIME_MANAGER_CONFIG: YAML or JSON, the names below), then the
 environment (``RUNTIME_MANAGER_<NAME>``, e.g. RUNTIME_MANAGER_TAG_KEY), then flags, each overriding the one
 before. The access key's secret is read from the file or RUNTIME_MANAGER_SECRET_ACCESS_KEY only (a flag would
@@ -457,7 +464,10 @@ def _flags(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def build_manager(args: argparse.Namespace, settings: ManagerSettings) -> Manager:
+def build_manager(
+    args: argparse.Namespace, settings: ManagerSettings, sleep: Callable[[float], Any] = time.sleep
+) -> Manager:
+    """The manager for the command line; ``sleep`` is every wait it makes (`run` makes SIGTERM cut them short)."""
     cfg = AwsConfig.from_args(args)
     sess = aws.session(cfg)
     region = cfg.region or sess.region_name
@@ -466,12 +476,15 @@ def build_manager(args: argparse.Namespace, settings: ManagerSettings) -> Manage
     reporter = None
     if settings.reporting:
         assert settings.backend_url and settings.access_key_id and settings.secret_access_key
-        reporter = BackendReporter(settings.backend_url, settings.access_key_id, settings.secret_access_key, region)
+        reporter = BackendReporter(
+            settings.backend_url, settings.access_key_id, settings.secret_access_key, region, sleep=sleep
+        )
     return Manager(
         settings,
         ecs=aws.client(cfg, "ecs", sess),
         ec2=aws.client(cfg, "ec2", sess),
         region=region,
+        backoff=Backoff(sleep=sleep),
         reporter=reporter,
     )
 
@@ -508,13 +521,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
 @_guarded
 def cmd_run(args: argparse.Namespace) -> int:
     settings = load_settings(_flags(args), config_file=args.config)
-    manager = build_manager(args, settings)
+    stop = threading.Event()
+    # every wait (throttling backoff, the backend's retries, the interval) ends at SIGTERM: ECS allows 30 s
+    manager = build_manager(args, settings, sleep=stop.wait)
     if not settings.reporting:
         log.warning("coverage is not reported: set backend_url, access_key_id and secret_access_key")
     if args.once:
         _print(manager.run_once())
         return 0
-    stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     log.info("runtime-manager running", extra={"region": manager.region, "intervalSeconds": settings.interval_s})

@@ -294,9 +294,15 @@ def test_a_session_slides_while_it_is_used(sqlite_backend: BackendThread) -> Non
     soon = tenancy.now_ms() + 5000
     stale = update(ConsoleSession).values(last_seen_at=tenancy.now_ms() - 3_600_000, expires_at=soon)
     sqlite_backend.in_session(lambda s: s.execute(stale))
-    assert browser.get("/console/api/session").status == 200
+    reply = browser.get("/console/api/session")
+    assert reply.status == 200
     row = sqlite_backend.in_session(lambda s: _all(s, ConsoleSession))[0]
     assert row.expires_at > tenancy.now_ms() + 11 * 3_600_000
+    # the browser keeps the cookie as long as the session now lasts
+    morsel, _ = reply.cookie("rtm_session")
+    assert morsel.value == browser.cookies["rtm_session"] and int(morsel["max-age"]) == 12 * 3600
+    # within the minute, nothing is written and no cookie sent again
+    assert browser.get("/console/api/session").cookie("rtm_session") is None
 
 
 # -- CSRF and headers ----------------------------------------------------------------------------------------------
@@ -449,6 +455,11 @@ def test_an_operator_limited_to_one_account_sees_nothing_of_another(backend: Bac
     assert [i["image"] for i in summary["topImages"]] == ["nginx:1.27"]
     cov = browser.get("/console/api/coverage").json()
     assert [(c["accountId"], c["running"]) for c in cov["clusters"]] == [(ACCOUNT, 1)]
+
+    nobody = signed_in(backend, "carol", ["333333333333"])  # an account with no detector yet
+    assert nobody.get("/console/api/findings", archived="all").json()["total"] == 0
+    assert nobody.get("/console/api/coverage").json()["clusters"] == []
+    assert nobody.get("/console/api/summary").json()["topImages"] == []
 
     everyone = signed_in(backend, "root", ["*"])
     assert everyone.get("/console/api/findings").json()["total"] == 2

@@ -237,7 +237,10 @@ async def get_index(request: web.Request) -> web.StreamResponse:
         if request.cookies.get(COOKIE_NAME):
             clear_session_cookie(request, response)
         return response
-    return web.FileResponse(STATIC_DIR / "index.html", headers={"Content-Type": "text/html; charset=utf-8"})
+    page = web.FileResponse(STATIC_DIR / "index.html", headers={"Content-Type": "text/html; charset=utf-8"})
+    if user.renewed:
+        set_session_cookie(request, page, request.cookies[COOKIE_NAME])
+    return page
 
 
 async def post_logout(request: web.Request) -> web.StreamResponse:
@@ -330,7 +333,10 @@ def api(handler: ApiHandler) -> Callable[[web.Request], Awaitable[web.StreamResp
                 raise ConsoleError(401, "not signed in (or the session ended): sign in again")
             if not csrf_ok:
                 raise ConsoleError(403, "missing or wrong X-CSRF-Token")
-            return _json(out)
+            response = _json(out)
+            if user.renewed:
+                set_session_cookie(request, response, request.cookies[COOKIE_NAME])
+            return response
         except ConsoleError as exc:
             response = _json({"error": exc.message}, exc.status)
             if exc.status == 401:

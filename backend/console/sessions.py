@@ -39,6 +39,8 @@ class SignedIn:
     accounts: list[str]
     csrf_token: str
     expires_at: int
+    # the expiry moved forward on this request: the cookie's Max-Age is sent again to match
+    renewed: bool = False
 
 
 def _digest(secret: str) -> str:
@@ -85,7 +87,8 @@ async def load_session(session: AsyncSession, secret: str | None) -> SignedIn | 
         await session.execute(delete(ConsoleSession).where(ConsoleSession.id_sha256 == digest))
         return None
     expires_at = row.expires_at
-    if t - row.last_seen_at >= TOUCH_RESOLUTION_MS:
+    renewed = t - row.last_seen_at >= TOUCH_RESOLUTION_MS
+    if renewed:
         expires_at = t + SESSION_TTL_MS
         await session.execute(
             update(ConsoleSession)
@@ -93,7 +96,7 @@ async def load_session(session: AsyncSession, secret: str | None) -> SignedIn | 
             .values(last_seen_at=t, expires_at=expires_at)
             .execution_options(synchronize_session=False)
         )
-    return SignedIn(operator.username, accounts_of(operator), row.csrf_token, expires_at)
+    return SignedIn(operator.username, accounts_of(operator), row.csrf_token, expires_at, renewed)
 
 
 async def close_session(session: AsyncSession, secret: str | None) -> None:

@@ -23,7 +23,7 @@ def main() -> None:
         "suite",
         nargs="?",
         default="process",
-        choices=["process", "packets", "sockets", "intel", "detectors", "backend"],
+        choices=["process", "packets", "sockets", "intel", "detectors", "backend", "delivery"],
     )
     p.add_argument("--quick", action="store_true", help="fewer samples, shorter windows")
     args = p.parse_args()

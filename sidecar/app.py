@@ -37,7 +37,7 @@ from collectors.process import ProcessCollector
 from collectors.process_table import ProcessTable
 from detectors.engine import DetectorEngine
 from detectors.policy import Policy
-from sidecar import __version__, ecs
+from sidecar import __version__, ecs, health
 from sidecar.config import Settings
 from sidecar.detection import build_engine, load_policy, scope_of
 from sidecar.heartbeat import Heartbeater, ResourceSampler, build_heartbeat, delivery_of
@@ -211,11 +211,15 @@ class Sidecar:
         )
         stats_task = loop.create_task(self._stats_loop())
         flush_task = loop.create_task(self._flush_loop())
+        # the container health check (`runtime-sidecar health`) reads what this writes every few seconds
+        health_task = loop.create_task(health.HealthFile(s.state_dir).run(self.running_sources))
         try:
             await self._run_sources(candidates)
         finally:
             stats_task.cancel()
             flush_task.cancel()
+            health_task.cancel()
+            await asyncio.gather(health_task, return_exceptions=True)
             self.refresher.close()
             await self.aux.stop(STOP_TIMEOUT)
             if self.engine is not None:
@@ -361,6 +365,10 @@ class Sidecar:
                 log.warning("event source off", extra={"source": n, "reason": reason})
         return chosen
 
+    def running_sources(self) -> list[str]:
+        names = list(self.aux.sources) if self.aux is not None else []
+        return names + ([self.source.name] if self.source is not None else [])
+
     async def _run_sources(self, candidates: list[str]) -> None:
         if not candidates:
             log.error("no process source works here; see `runtime-sidecar probe`")
@@ -381,6 +389,7 @@ class Sidecar:
             stopper.cancel()
             exc = task.exception() if not task.cancelled() else None
             log.error("process source failed, falling back", extra={"source": name, "error": repr(exc)})
+            self.source = None  # a failed source is not running: the health check must not count it
         log.error("every process source failed; idling until stopped")
         await self._stop.wait()
 

@@ -36,6 +36,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-remote-config", action="store_true", help="do not fetch policy and lists from the collector")
     run.add_argument("--stop-flush-timeout-s", metavar="S", help="at SIGTERM, how long to try sending spooled findings")
     sub.add_parser("probe", help="print what each event source can do here, as JSON")
+    hp = sub.add_parser("health", help="exit 0 if the running sidecar is healthy (container health checks)")
+    hp.add_argument("--state-dir", metavar="DIR", help="the running sidecar's state directory")
+    hp.add_argument("--max-age-s", type=float, default=30.0, help="oldest status file still healthy")
     types = sub.add_parser("finding-types", help="print the finding catalog")
     types.add_argument("--json", action="store_true", help="as JSON (default: a table)")
     return p
@@ -49,6 +52,17 @@ def main(argv: list[str] | None = None) -> int:
 
         sys.stdout.write(orjson.dumps(run_probe(), option=orjson.OPT_INDENT_2).decode() + "\n")
         return 0
+    if args.command == "health":
+        from sidecar import health
+
+        try:
+            settings = config.load({"state_dir": args.state_dir})
+        except config.ConfigError as exc:
+            sys.stderr.write(f"{exc}\n")
+            return 2
+        ok, why = health.check(health.candidates(settings.state_dir), args.max_age_s)
+        (sys.stdout if ok else sys.stderr).write(why + "\n")
+        return 0 if ok else 1
     if args.command == "finding-types":
         from sidecar.catalog_cli import print_catalog
 

@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+from taskenv import REPO_ROOT, SIDECAR_PYTHON, TaskEnv
+
 from sidecar import health
 
 
@@ -91,3 +93,26 @@ async def test_running_writer_refreshes_reports_the_last_error_and_removes_its_f
         pass
     assert not (tmp_path / "health.json").exists(), "a stopped sidecar must not look healthy"
     assert hf.last_error not in logging.getLogger().handlers
+
+
+def test_the_running_sidecar_is_healthy_to_its_container_health_check(task_env: TaskEnv, tmp_path: Path) -> None:
+    """`runtime-sidecar health`, run in the sidecar's namespaces as ECS runs a container healthCheck command."""
+    state = tmp_path / "state"
+    sidecar = task_env.start_detecting(tmp_path, ["--state-dir", str(state)])
+    target = str(sidecar.host_pid)
+
+    def check() -> subprocess.CompletedProcess[str]:
+        cmd = ["nsenter", "-t", target, "--pid", "--mount", "--", SIDECAR_PYTHON, "-m", "sidecar", "health",
+               "--state-dir", str(state)]  # fmt: skip
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=30, cwd=REPO_ROOT,
+                              env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})  # fmt: skip
+
+    time.sleep(1)
+    ok = check()
+    assert ok.returncode == 0, (ok.stdout, ok.stderr)
+    sidecar.stop()
+    gone = subprocess.run(
+        [SIDECAR_PYTHON, "-m", "sidecar", "health", "--state-dir", str(state)],
+        capture_output=True, text=True, timeout=30, cwd=REPO_ROOT,
+    )  # fmt: skip
+    assert gone.returncode == 1, (gone.stdout, gone.stderr)  # a stopped sidecar removed its status

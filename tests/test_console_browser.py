@@ -39,6 +39,7 @@ TIMEOUT_MS = 10_000
 def chromium() -> Iterator[Browser]:
     if not CHROMIUM.exists():
         pytest.fail(f"{CHROMIUM} is missing: the console is tested in Debian's chromium (apt-get install chromium)")
+    expect.set_options(timeout=TIMEOUT_MS)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True)
         try:
@@ -287,6 +288,7 @@ def test_an_operator_works_through_the_console(sqlite_backend: BackendThread, ch
 
         # a suppression rule from the finding: prefilled with its type and image
         page.goto(f"{b.url}/console/#/finding/{DETECTOR}/{new_bin['id']}")
+        expect(page.locator("#finding-title")).to_have_text(new_bin["title"])
         page.click("#suppress")
         form = page.locator("#suppression-form")
         expect(form.locator("input[value=type]")).to_be_checked()
@@ -451,6 +453,7 @@ def test_attacker_strings_are_shown_as_text_and_never_run(sqlite_backend: Backen
 
         page.goto(f"{b.url}/console/#/finding/{DETECTOR}/{target['id']}")
         p = PAYLOADS[1]
+        expect(page.locator("#view")).to_have_attribute("data-view", "finding")
         expect(page.locator("#finding-title")).to_have_text(f"title {p}")
         expect(page.locator("#lineage-tree")).to_contain_text(f"parent {p}")
         expect(page.locator("#lineage-tree .proc-cmd").last).to_have_text(f"sh -c {p}")

@@ -30,6 +30,8 @@ function route() {
   const make = VIEWS[name];
   view.dataset.view = make ? name : "missing";
   delete view.dataset.loaded;
+  // the previous page must not linger (and take clicks) while the next one loads its data
+  replace(view, h("p", { class: "muted" }, "Loading…"));
   for (const a of document.querySelectorAll("nav.main a")) {
     a.classList.toggle("active", a.dataset.nav === (name === "finding" ? "findings" : name));
   }

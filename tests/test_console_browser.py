@@ -237,6 +237,21 @@ def test_an_operator_works_through_the_console(sqlite_backend: BackendThread, ch
         expect(table.first).to_have_attribute("data-finding-id", recon["id"])
         page.click("button[data-sort=severity]")
         expect(table.first).to_have_attribute("data-finding-id", miner["id"])
+        page.click("#reset-filters")
+
+        # archive from the list, find it among the archived ones, unarchive it
+        page.check(f"tr[data-finding-id='{recon['id']}'] input.pick")
+        page.click("#archive-selected")
+        expect(page.locator("#toast")).to_contain_text("1 finding archived")
+        expect(table).to_have_count(4)
+        assert row_of(b, recon["id"]).archived
+        page.select_option("select[name=archived]", "true")
+        expect(table).to_have_count(1)
+        page.check(f"tr[data-finding-id='{recon['id']}'] input.pick")
+        page.click("#unarchive-selected")
+        expect(page.locator("#findings-table td.empty")).to_be_visible()
+        assert not row_of(b, recon["id"]).archived
+
         page.goto(f"{b.url}/console/#/findings")
         expect(table).to_have_count(5)
 

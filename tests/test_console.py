@@ -13,6 +13,7 @@ import http.client
 import io
 import json
 import re
+import socket
 import subprocess
 import time
 import urllib.parse
@@ -752,6 +753,35 @@ def test_the_summary_counts_by_severity_and_type_over_time(backend: BackendThrea
     assert s["topImages"][0] == {"image": "a:1", "count": 3}
     hourly = browser.get("/console/api/summary", days=1).json()
     assert hourly["bucketMs"] == 3_600_000 and sum(hourly["totals"].values()) == 2
+
+
+def test_exporters_health_is_shown_to_operators_of_every_account(tmp_path: Path) -> None:
+    with socket.socket() as s:  # a port nobody listens on: the webhook fails at once
+        s.bind(("127.0.0.1", 0))
+        refused = s.getsockname()[1]
+    exports = tmp_path / "exports.toml"
+    exports.write_text(
+        "[[exporters]]\n"
+        'name = "siem"\ntype = "webhook"\n'
+        f'url = "http://127.0.0.1:{refused}/hook"\nsecret = "0123456789abcdef-secret"\n'
+        "batch_max_wait_s = 0.05\nbackoff_base_s = 0.01\nbackoff_max_s = 0.02\nmax_attempts = 1\n"
+    )
+    b = BackendThread(f"sqlite:///{tmp_path / 'b.db'}", exports_file=str(exports)).start()
+    try:
+        assert b.send(b.token(), [sample_finding()])[0] == 200
+        admin = signed_in(b, "root", ["*"])
+        deadline = time.monotonic() + 10
+        while True:
+            (siem,) = admin.get("/console/api/exports").json()["exporters"]
+            if siem["deadLettered"] or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert siem["name"] == "siem" and siem["type"] == "webhook"
+        assert siem["status"] == "FAILING" and siem["deadLettered"] == 1 and siem["lastError"]
+        limited = signed_in(b, "alice", [ACCOUNT])
+        assert limited.get("/console/api/exports").json() == {"visible": False, "exporters": []}
+    finally:
+        b.stop()
 
 
 # -- the operator command --------------------------------------------------------------------------------------------

@@ -333,6 +333,7 @@ def test_an_operator_works_through_the_console(sqlite_backend: BackendThread, ch
         expect(prod_card).to_contain_text("0.0.9 (1 task)")
         expect(prod_card.locator("tbody tr").nth(1).locator(".chip")).to_have_count(4)
         expect(page.locator("#coverage-overall")).to_contain_text("80% of 5 running tasks")
+        expect(page.locator("#exporters")).to_contain_text("No exporter is configured")
         shot(page, "coverage")
 
         # summary

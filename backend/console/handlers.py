@@ -482,6 +482,19 @@ async def api_coverage(ctx: ConsoleRequest) -> dict[str, Any]:
 
 
 @api
+async def api_exports(ctx: ConsoleRequest) -> dict[str, Any]:
+    """Each exporter's health (backend.exports). Exporters carry every account's findings, and their errors and
+    counts are not one account's: only operators of every account see them."""
+    if ctx.user.accounts != ["*"]:
+        return {"visible": False, "exporters": []}
+    try:
+        from backend.exports import health
+    except ModuleNotFoundError:  # a build without exporters
+        return {"visible": True, "exporters": []}
+    return {"visible": True, "exporters": health(ctx.request.app)}
+
+
+@api
 async def api_summary(ctx: ConsoleRequest) -> dict[str, Any]:
     return await queries.summary(ctx.session, ctx.scope, ctx.query, now_ms())
 
@@ -508,5 +521,6 @@ def add_routes(app: web.Application) -> None:
     r.add_post("/console/api/suppression-rules", api_create_suppression_rule)
     r.add_get("/console/api/coverage", api_coverage)
     r.add_get("/console/api/summary", api_summary)
+    r.add_get("/console/api/exports", api_exports)
     r.add_route("*", "/console/api/{rest:.*}", api_not_found)
     r.add_static("/console/static", STATIC_DIR, follow_symlinks=False)

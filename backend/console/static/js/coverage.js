@@ -1,5 +1,5 @@
 // Coverage: per cluster, the share of running tasks whose agent is healthy; each unhealthy task with its issue
-// and what to do about it; agents' versions and the event sources each runs.
+// and what to do about it; agents' versions and the event sources each runs; the exporters' health.
 
 import { getJSON } from "./api.js";
 import { h, orDash, replace } from "./dom.js";
@@ -53,6 +53,28 @@ function clusterCard(c) {
       h("tbody", {}, c.tasks.map(taskRow))));
 }
 
+function exportersCard(data) {
+  let content;
+  if (!data.visible) {
+    content = h("p", { class: "muted" }, "Exporters carry every account's findings: operators of all accounts see their health.");
+  } else if (!data.exporters.length) {
+    content = h("p", { class: "muted" }, "No exporter is configured (RUNTIME_BACKEND_EXPORTS_FILE).");
+  } else {
+    content = h("table", { class: "grid" },
+      h("thead", {}, h("tr", {}, ["Exporter", "Type", "Status", "Queue", "Sent", "Retries", "Dead letters", "Last success",
+        "Last error"].map((t) => h("th", {}, t)))),
+      h("tbody", {}, data.exporters.map((e) => h("tr", { class: e.status === "OK" ? null : "unhealthy", dataset: { exporter: e.name } },
+        h("td", {}, e.name), h("td", {}, e.type), h("td", {}, statusTag(e.status)),
+        h("td", { class: "num" }, `${e.queueDepth} / ${e.queueCapacity}`),
+        h("td", { class: "num" }, String(e.sent)), h("td", { class: "num" }, String(e.retries)),
+        h("td", { class: "num" }, String(e.deadLettered)),
+        h("td", { class: "time" }, fmtTime(e.lastSuccessAt)),
+        h("td", { class: "issue" }, e.lastError ? h("div", { class: "issue-text" }, e.lastError) : "—",
+          e.lastErrorAt ? h("div", { class: "sub" }, fmtTime(e.lastErrorAt)) : null)))));
+  }
+  return h("section", { class: "card", id: "exporters" }, h("h2", {}, "Exporters"), content);
+}
+
 export function coverageView(root) {
   let disposed = false;
   const body = h("div");
@@ -61,8 +83,9 @@ export function coverageView(root) {
 
   async function load() {
     let data;
+    let exporters;
     try {
-      data = await getJSON("/console/api/coverage");
+      [data, exporters] = await Promise.all([getJSON("/console/api/coverage"), getJSON("/console/api/exports")]);
     } catch (err) {
       if (!disposed) replace(body, h("p", { class: "error" }, err.message));
       return;
@@ -71,7 +94,7 @@ export function coverageView(root) {
     overall.textContent = data.running
       ? `${data.coveragePercent}% of ${data.running} running tasks are covered by a healthy agent (as of ${fmtTime(data.generatedAt)}).`
       : "No agent has reported yet: deploy the sidecar with a token (runtime-backend token create) to see tasks here.";
-    replace(body, data.clusters.map(clusterCard));
+    replace(body, data.clusters.map(clusterCard), exportersCard(exporters));
     root.dataset.loaded = String(Date.now());
   }
 

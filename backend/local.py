@@ -1,8 +1,8 @@
 """`runtime-backend local` (`make run`): the backend on SQLite and a sidecar watching this host, wired together.
 
 The state directory keeps the database, the sidecar's spool and the local credentials (an access key for the
-GuardDuty API and an agent token), so a second run finds the first run's findings and keys. The sidecar is
-a child process talking to the backend over HTTP, exactly as in a task.
+GuardDuty API, an agent token, the console's password), so a second run finds the first run's findings and keys.
+The sidecar is a child process talking to the backend over HTTP, exactly as in a task.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import signal
 import sys
 from pathlib import Path
@@ -21,6 +22,8 @@ import orjson
 from backend import tenancy
 from backend.app import Server
 from backend.config import BackendSettings
+from backend.console.operators import create_operator, verify_password
+from backend.models import Operator
 
 log = logging.getLogger("backend.local")
 
@@ -28,6 +31,7 @@ log = logging.getLogger("backend.local")
 LOCAL_ACCOUNT = "000000000000"
 LOCAL_REGION = "local"
 LOCAL_CLUSTER = "local"
+LOCAL_OPERATOR = "local"
 
 
 async def _credentials(server: Server, state: Path) -> dict[str, Any]:
@@ -47,6 +51,18 @@ async def _credentials(server: Server, state: Path) -> dict[str, Any]:
         if not token or await tenancy.authenticate_token(session, token) is None:
             _, token = await tenancy.create_token(session, LOCAL_ACCOUNT, LOCAL_REGION, LOCAL_CLUSTER, "local sidecar")
             creds["token"] = token
+        # the console is never open without a sign-in, even here: an operator whose password only this file has
+        row = await session.get(Operator, LOCAL_OPERATOR)
+        password = creds.get("consolePassword")
+        if (
+            row is None
+            or row.disabled_at is not None
+            or not password
+            or not verify_password(password, row.password_hash)
+        ):
+            password = secrets.token_urlsafe(12)
+            await create_operator(session, LOCAL_OPERATOR, password, ["*"])
+            creds["consolePassword"] = password
     os.makedirs(state, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
@@ -59,7 +75,8 @@ def banner(url: str, creds: dict[str, Any]) -> str:
     return "\n".join(
         [
             "",
-            f"runtime-backend: {url}   (API and agent collector; console: {url}/console)",
+            f"runtime-backend: {url}   (GuardDuty API and agent collector)",
+            f"console: {url}/console   user {LOCAL_OPERATOR}, password {creds['consolePassword']}",
             "query findings with the AWS CLI or boto3, exactly as GuardDuty:",
             f"  export AWS_ACCESS_KEY_ID={creds['accessKeyId']} AWS_SECRET_ACCESS_KEY={creds['secretAccessKey']}"
             f" AWS_DEFAULT_REGION={LOCAL_REGION}",

@@ -9,11 +9,19 @@ import shlex
 import signal
 import subprocess
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 from backend_env import VENV_BIN
 
 BACKEND = str(VENV_BIN / "runtime-backend")
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: object, **kwargs: object) -> None:
+        return None
 
 
 def _cli(db: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -131,6 +139,19 @@ def test_local_mode_prints_a_working_aws_command(tmp_path: Path) -> None:
         assert aws.returncode == 0, aws.stderr
         assert json.loads(aws.stdout) == {"FindingIds": []}
         assert (tmp_path / "state" / "credentials.json").stat().st_mode & 0o077 == 0
+        # the console has an operator whose password is printed, and it is not open without it
+        console = re.search(r"console: (http://\S+)/console\s+user (\S+), password (\S+)", banner)
+        assert console is not None, banner
+        base, user, password = console.groups()
+        opener = urllib.request.build_opener(_NoRedirect)
+        for pw, status in ((password + "x", 200), (password, 303)):  # a wrong password shows the form again
+            form = urllib.parse.urlencode({"username": user, "password": pw}).encode()
+            req = urllib.request.Request(f"{base}/console/login", data=form, method="POST", headers={"Origin": base})
+            try:
+                got = opener.open(req, timeout=30).status
+            except urllib.error.HTTPError as exc:
+                got = exc.code
+            assert got in ((status,) if status == 303 else (200, 401, 403)), (pw, got)
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(15) == 0

@@ -214,7 +214,8 @@ class SensitiveFileDetector(Detector):
         # (container, writer executable) -> account file changes held back to be one finding
         self._held: OrderedDict[tuple[Any, ...], _HeldAccounts] = OrderedDict()
         # (container, account file) -> (key of the burst it was last part of, when): late events join that finding
-        self._bursts: OrderedDict[tuple[Any, str], tuple[tuple[Any, ...], float]] = OrderedDict()
+        # (container, path) -> the key, time and writer of the finding its last change counted in
+        self._bursts: OrderedDict[tuple[Any, str], tuple[tuple[Any, ...], float, ProcessInfo | None]] = OrderedDict()
 
     def on_event(self, event: RuntimeEvent) -> Iterable[Detection]:
         data = event.data or {}
@@ -275,8 +276,20 @@ class SensitiveFileDetector(Detector):
             container=container,
         )
         if not accounts:
-            return (detection,)
+            return self._single(detection, path, event.time)
         return self._hold(detection, path, event.time)
+
+    def _single(self, d: Detection, path: str, when: float) -> Iterable[Detection]:
+        """A file that is its own finding: a change whose writer was only guessed, shortly after a change of the
+        same file by a known writer (its close, reported after it exited), counts in that finding."""
+        where = d.where
+        container = (where.id or where.name) if where is not None else None
+        recent = self._bursts.get((container, path))
+        if d.process is None and recent is not None and 0 <= when - recent[1] <= BURST_MEMORY_SECONDS:
+            d.key, d.process = recent[0], recent[2]
+        else:
+            self._remember_burst(container, path, d, when)
+        return (d,)
 
     def _hold(self, d: Detection, path: str, when: float) -> Iterable[Detection]:
         where = d.where
@@ -284,8 +297,7 @@ class SensitiveFileDetector(Detector):
         held = self._held.get(group)
         if held is not None:
             d.key = held.first.key  # a repeat of the group's first change
-            if d.key[-1] is not None and str(d.key[-1]).startswith("burst@"):
-                self._remember_burst(group[0], path, d.key, when)
+            self._remember_burst(group[0], path, held.first, when)
             held.more.append(d)
             if path not in held.paths:
                 held.paths.append(path)
@@ -293,13 +305,36 @@ class SensitiveFileDetector(Detector):
         if d.key[-1] is None:
             # The writer was not found (only guessed): group by burst, not forever. useradd's eight changes land
             # within the hold; a later, unrelated change (sed -i on shadow) is a finding of its own; a late event
-            # of a file already in a recent burst (the file watch coalesces) is a repeat of that burst's finding.
+            # of a file already in a recent burst or change (the file watch coalesces; a writer that held the
+            # file open reports its close after it exited, unattributed) is a repeat of that finding.
             recent = self._bursts.get((group[0], path))
             if recent is not None and 0 <= when - recent[1] <= BURST_MEMORY_SECONDS:
-                d.key = recent[0]
+                # counted in that finding: its key and its writer make the engine's aggregation key
+                d.key, d.process = recent[0], recent[2]
+                still_held = self._held.get((group[0], *recent[0][:2]))
+                if still_held is not None and still_held.first.key == d.key:
+                    still_held.more.append(d)  # after the first, whose writer is known
+                    return ()
                 return (d,)
             d.key = (*d.key, f"burst@{when:.3f}")
-            self._remember_burst(group[0], path, d.key, when)
+        else:
+            # The writer is known: if the same file's change was just held under a guess (the close of a file the
+            # writer had open can come first, after it exited), that guess is this change: it joins behind it.
+            recent = self._bursts.get((group[0], path))
+            guess_group: tuple[Any, ...] = (group[0], *recent[0][:2]) if recent is not None else ()
+            guessed = self._held.get(guess_group) if recent is not None and recent[0][1] is None else None
+            if (
+                guessed is not None
+                and recent is not None
+                and guessed.paths == [path]
+                and guessed.first.key == recent[0]
+            ):
+                del self._held[guess_group]
+                self._held[group] = _HeldAccounts(when + ACCOUNT_HOLD_SECONDS, d, [path])
+                self._held[group].more.extend((guessed.first, *guessed.more))
+                self._remember_burst(group[0], path, d, when)
+                return ()
+        self._remember_burst(group[0], path, d, when)
         self._held[group] = _HeldAccounts(when + ACCOUNT_HOLD_SECONDS, d, [path])
         out: list[Detection] = []
         while len(self._held) > MAX_HELD:
@@ -307,8 +342,8 @@ class SensitiveFileDetector(Detector):
             out.extend(self._release(oldest))
         return out
 
-    def _remember_burst(self, container: Any, path: str, key: tuple[Any, ...], when: float) -> None:
-        self._bursts[(container, path)] = (key, when)
+    def _remember_burst(self, container: Any, path: str, finding: Detection, when: float) -> None:
+        self._bursts[(container, path)] = (finding.key, when, finding.process)
         self._bursts.move_to_end((container, path))
         while len(self._bursts) > MAX_HELD * 4:
             self._bursts.popitem(last=False)
@@ -321,9 +356,12 @@ class SensitiveFileDetector(Detector):
 
     @staticmethod
     def _release(held: _HeldAccounts) -> list[Detection]:
-        """The first change, naming the other files; the others after it, to count as repeats of it."""
+        """The first change, naming the other files; the others after it, to count as repeats of it (same key
+        and writer: what the engine aggregates on)."""
         if len(held.paths) > 1:
             held.first.context["filePaths"] = held.paths[1:]
+        for more in held.more:
+            more.key, more.process = held.first.key, held.first.process
         return [held.first, *held.more]
 
     def _rotation(self, event: RuntimeEvent, path: str, op: str) -> bool:

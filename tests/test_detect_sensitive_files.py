@@ -90,7 +90,19 @@ def test_persistence_and_privilege_files_vs_reading_them(task_env: TaskEnv, tmp_
     ]
     # one finding per file, however many writes and operations (here each account file had its own writer)
     keys = [(f["type"], context_of(f)["filePath"]) for f in findings if f["type"] in TYPES]
-    assert len({f["id"] for f in findings if f["type"] in TYPES}) == len(set(keys))
+    assert len({f["id"] for f in findings if f["type"] in TYPES}) == len(set(keys)), [
+        (
+            f["id"][:6],
+            f["createdAt"][11:23],
+            f["service"]["count"],
+            context_of(f).get("filePath"),
+            context_of(f).get("fileOperation"),
+            context_of(f).get("modifyingProcessGuessed"),
+            (context_of(f).get("modifyingProcess") or {}).get("executablePath"),
+        )
+        for f in findings
+        if f["type"] in TYPES
+    ]
     assert sidecar.stop() == 0
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import logging
 import signal
 import ssl
@@ -18,7 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
-from backend import api, events, ingest
+from backend import api, console, control_plane, events, exports, ingest
 from backend.config import BackendSettings
 from backend.db import Database, open_database
 from backend.findings import UpsertResult
@@ -26,9 +25,6 @@ from backend.sigv4 import SigV4Verifier
 from backend.tenancy import TokenIdentity, lookup_access_key
 
 log = logging.getLogger("backend")
-
-# Parts of the backend that add routes and background work to the app: each module has setup(app).
-PARTS = ("backend.console", "backend.exports", "backend.control_plane")
 
 DB = web.AppKey("db", Database)
 SETTINGS = web.AppKey("settings", BackendSettings)
@@ -65,15 +61,8 @@ def create_app(settings: BackendSettings, db: Database) -> web.Application:
     ingest.add_routes(app)
     events.add_routes(app)
     api.add_routes(app)
-    for name in PARTS:
-        try:
-            part = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-            continue  # being written
-        if hasattr(part, "setup"):
-            part.setup(app)
+    for part in (console, exports, control_plane):
+        part.setup(app)
     return app
 
 

@@ -38,7 +38,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from backend.api import ApiRequest, next_token, operation, parse_page
 from backend.errors import BadRequest
 from backend.findings import iso_ms
-from backend.ingest import AgentError, _validation_error
+from backend.ingest import AgentError, validation_error
 from backend.models import ControlPlaneCluster, ControlPlaneTask, CoverageRow, Detector
 from backend.tenancy import TokenIdentity, now_ms
 
@@ -215,7 +215,7 @@ def parse_heartbeat(data: dict[str, Any]) -> Heartbeat:
     try:
         return Heartbeat.model_validate(data)
     except ValidationError as exc:
-        raise _validation_error(exc) from None
+        raise validation_error(exc) from None
 
 
 def _insert(session: AsyncSession) -> Any:

@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from backend.coverage import HeartbeatTask, check_heartbeat_claims
 from backend.findings import parse_time_ms
-from backend.ingest import AgentError, _validation_error, agent_route, parse_json, read_body
+from backend.ingest import AgentError, agent_route, parse_json, read_body, validation_error
 from backend.models import RuntimeEventRow
 from backend.tenancy import TokenIdentity, now_ms
 
@@ -78,7 +78,7 @@ async def record_events(session: AsyncSession, ident: TokenIdentity, data: dict[
     try:
         batch = EventBatch.model_validate(data)
     except ValidationError as exc:
-        raise _validation_error(exc) from None
+        raise validation_error(exc) from None
     check_heartbeat_claims(ident, batch.task)
     received = now_ms()
     rows = [event_row(ident.detector_id, batch.task.taskArn, i, e, received) for i, e in enumerate(batch.events)]

@@ -45,7 +45,8 @@ def parse_time_ms(value: Any) -> int | None:
     return None
 
 
-def _get(d: Any, *path: str | int) -> Any:
+def dig(d: Any, *path: str | int) -> Any:
+    """``d[path[0]][path[1]]...`` through dicts (str keys) and lists (int indexes), or None where it stops."""
     for p in path:
         if isinstance(p, int):
             if not isinstance(d, list) or len(d) <= p:
@@ -69,19 +70,19 @@ def family_of(definition_arn: str | None) -> str | None:
 
 def columns_of(doc: dict[str, Any]) -> dict[str, Any]:
     """The indexed columns of a (validated) finding document."""
-    ecs = _get(doc, "resource", "ecsClusterDetails") or {}
+    ecs = dig(doc, "resource", "ecsClusterDetails") or {}
     task = ecs.get("taskDetails") or {}
-    container = _get(task, "containers", 0) or _get(doc, "resource", "containerDetails") or {}
+    container = dig(task, "containers", 0) or dig(doc, "resource", "containerDetails") or {}
     service = doc.get("service") or {}
-    process = _get(service, "runtimeDetails", "process") or {}
+    process = dig(service, "runtimeDetails", "process") or {}
     action = service.get("action") or {}
-    remote = _get(action, "networkConnectionAction", "remoteIpDetails") or {}
-    intel = _get(service, "evidence", "threatIntelligenceDetails", 0) or {}
+    remote = dig(action, "networkConnectionAction", "remoteIpDetails") or {}
+    intel = dig(service, "evidence", "threatIntelligenceDetails", 0) or {}
     agent = None
     info = service.get("additionalInfo")
     if isinstance(info, dict) and isinstance(info.get("value"), str):
         try:
-            agent = _get(orjson.loads(info["value"]), "agentDetails", "agentId")
+            agent = dig(orjson.loads(info["value"]), "agentDetails", "agentId")
         except orjson.JSONDecodeError:
             agent = None
     created = parse_time_ms(doc.get("createdAt")) or 0
@@ -96,7 +97,7 @@ def columns_of(doc: dict[str, Any]) -> dict[str, Any]:
         "first_seen": parse_time_ms(service.get("eventFirstSeen")),
         "last_seen": parse_time_ms(service.get("eventLastSeen")),
         "count": int(service.get("count") or 1),
-        "resource_type": _clip(_get(doc, "resource", "resourceType"), 32),
+        "resource_type": _clip(dig(doc, "resource", "resourceType"), 32),
         "cluster_name": _clip(ecs.get("name"), 255),
         "cluster_arn": _clip(ecs.get("arn"), 512),
         "task_arn": _clip(task.get("arn"), 512),
@@ -110,7 +111,7 @@ def columns_of(doc: dict[str, Any]) -> dict[str, Any]:
         "feature_name": _clip(service.get("featureName"), 64),
         "action_type": _clip(action.get("actionType"), 64),
         "remote_ip": _clip(remote.get("ipAddressV4") or remote.get("ipAddressV6"), 64),
-        "domain": _clip(_get(action, "dnsRequestAction", "domain"), 255),
+        "domain": _clip(dig(action, "dnsRequestAction", "domain"), 255),
         "threat_list_name": _clip(intel.get("threatListName"), 255),
         "agent_id": _clip(agent, 128),
     }
@@ -209,11 +210,7 @@ async def upsert_findings(
         stmt = update(table).where(table.c.detector_id == bindparam("b_detector"), table.c.id == bindparam("b_id"))
         await session.execute(stmt, updates)
     if new_rows:
-        stmt = (
-            _insert(session)
-            .on_conflict_do_nothing(index_elements=["detector_id", "id"])
-            .returning(FINDINGS.c.id)
-        )
+        stmt = _insert(session).on_conflict_do_nothing(index_elements=["detector_id", "id"]).returning(FINDINGS.c.id)
         inserted = set((await session.execute(stmt, new_rows)).scalars())
         # another replica stored the same delivery first: what it stored is what we had
         res.unchanged += len(new_ids) - len(inserted)
@@ -228,7 +225,7 @@ async def upsert_findings(
 def _version(doc: dict[str, Any]) -> tuple[int, int, int]:
     return (
         parse_time_ms(doc.get("createdAt")) or 0,
-        int(_get(doc, "service", "count") or 1),
+        int(dig(doc, "service", "count") or 1),
         parse_time_ms(doc.get("updatedAt")) or 0,
     )
 

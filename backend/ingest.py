@@ -54,7 +54,7 @@ def _loc(parts: tuple[Any, ...], prefix: str = "") -> str:
     return out
 
 
-def _validation_error(exc: ValidationError, prefix: str = "") -> AgentError:
+def validation_error(exc: ValidationError, prefix: str = "") -> AgentError:
     err = exc.errors()[0]
     field = _loc(tuple(err["loc"]), prefix)
     more = f" (and {exc.error_count() - 1} more problems)" if exc.error_count() > 1 else ""
@@ -129,7 +129,7 @@ def validate_batch(data: dict[str, Any], ident: TokenIdentity, settings: Backend
     try:
         batch = FindingBatch.model_validate(data)
     except ValidationError as exc:
-        raise _validation_error(exc) from None
+        raise validation_error(exc) from None
     if len(batch.findings) > settings.max_batch_findings:
         raise AgentError(
             413,
@@ -141,7 +141,7 @@ def validate_batch(data: dict[str, Any], ident: TokenIdentity, settings: Backend
         try:
             Finding.model_validate(doc)
         except ValidationError as exc:
-            raise _validation_error(exc, f"findings[{i}]") from None
+            raise validation_error(exc, f"findings[{i}]") from None
         for key in ("createdAt", "updatedAt"):
             if parse_time_ms(doc.get(key)) is None:
                 raise AgentError(400, f"findings[{i}].{key}: not an ISO 8601 time", field=f"findings[{i}].{key}")

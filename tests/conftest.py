@@ -50,4 +50,5 @@ def task_env_no_netraw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tas
     yield from _task(tmp_path_factory, net_raw=False)
 
 
-pytest_plugins = ["db_fixtures", "backend_env"]  # the backend's databases on both engines; a running backend
+# the backend's databases on both engines; a running backend; AWS as moto in server mode
+pytest_plugins = ["db_fixtures", "backend_env", "moto_server"]

@@ -44,7 +44,6 @@ from backend.manager.coverage_report import (
 )
 from backend.models import ControlPlaneCluster, ControlPlaneTask
 
-pytest_plugins = ["moto_server"]
 if TYPE_CHECKING:
     from moto_server import MotoEndpoint
 DETECTOR = tenancy.detector_id_for(ACCOUNT, REGION)

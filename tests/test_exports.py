@@ -34,7 +34,6 @@ from backend.models import ExportPublished, FindingRow
 if TYPE_CHECKING:
     from moto_server import MotoEndpoint
 
-pytest_plugins = ["moto_server"]
 
 ACCOUNT, REGION = "111111111111", "us-east-1"
 DETECTOR = tenancy.detector_id_for(ACCOUNT, REGION)

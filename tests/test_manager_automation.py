@@ -43,7 +43,6 @@ from backend.manager.aws import Backoff, ThrottledError
 from backend.manager.inject import SidecarSpec, has_sidecar, inject
 from backend.manager.network import MANAGED_TAG_KEY
 
-pytest_plugins = ["moto_server"]
 if TYPE_CHECKING:
     from moto_server import MotoEndpoint
 

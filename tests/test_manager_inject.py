@@ -26,7 +26,6 @@ from backend.manager.inject import (
     is_valid_fargate_size,
 )
 
-pytest_plugins = ["moto_server"]
 if TYPE_CHECKING:
     from moto_server import MotoEndpoint
 

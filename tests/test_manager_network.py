@@ -21,7 +21,6 @@ from backend.manager.network import (
     cleanup,
 )
 
-pytest_plugins = ["moto_server"]
 if TYPE_CHECKING:
     from moto_server import MotoEndpoint
 

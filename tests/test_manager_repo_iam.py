@@ -16,7 +16,6 @@ from backend.manager import aws, iam, repo
 if TYPE_CHECKING:
     from moto_server import MotoEndpoint
 
-pytest_plugins = ["moto_server"]
 
 ROOT = Path(__file__).resolve().parent.parent
 MANAGER = [str(ROOT / ".venv" / "bin" / "python"), "-m", "backend.manager.cli"]

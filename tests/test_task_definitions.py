@@ -18,7 +18,6 @@ from backend.manager import inject
 if TYPE_CHECKING:
     from moto_server import MotoEndpoint
 
-pytest_plugins = ["moto_server"]
 
 ROOT = Path(__file__).resolve().parent.parent
 TASK_DEFINITIONS = ROOT / "task-definitions"

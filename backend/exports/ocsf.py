@@ -55,7 +55,7 @@ from typing import Any
 
 import orjson
 
-from backend.findings import parse_time_ms
+from backend.findings import dig, parse_time_ms
 
 OCSF_VERSION = "1.3.0"
 CLASS_UID, CLASS_NAME = 2004, "Detection Finding"
@@ -116,17 +116,6 @@ def severity_id(severity: float) -> tuple[int, str]:
     return 5, "Critical"
 
 
-def _get(d: Any, *path: str | int) -> Any:
-    for p in path:
-        if isinstance(p, int):
-            d = d[p] if isinstance(d, list) and len(d) > p else None
-        else:
-            d = d.get(p) if isinstance(d, dict) else None
-        if d is None:
-            return None
-    return d
-
-
 def _clean(d: dict[str, Any]) -> dict[str, Any]:
     """Without empty members: OCSF consumers treat absent and null alike, and the lines stay short."""
     out: dict[str, Any] = {}
@@ -170,16 +159,16 @@ def _process(p: dict[str, Any] | None, *, depth: int = 0) -> dict[str, Any] | No
 
 
 def _activity(doc: dict[str, Any]) -> int:
-    if _get(doc, "service", "archived"):
+    if dig(doc, "service", "archived"):
         return 3
     created, updated = parse_time_ms(doc.get("createdAt")), parse_time_ms(doc.get("updatedAt"))
-    return 1 if created == updated and int(_get(doc, "service", "count") or 1) <= 1 else 2
+    return 1 if created == updated and int(dig(doc, "service", "count") or 1) <= 1 else 2
 
 
 def to_detection_finding(doc: dict[str, Any]) -> dict[str, Any]:
     """The OCSF Detection Finding of one finding (GetFindings' shape)."""
     service = doc.get("service") or {}
-    ecs = _get(doc, "resource", "ecsClusterDetails") or {}
+    ecs = dig(doc, "resource", "ecsClusterDetails") or {}
     task = ecs.get("taskDetails") or {}
     containers = [c for c in (task.get("containers") or []) if isinstance(c, dict)]
     region, account, partition = doc.get("region"), doc.get("accountId"), doc.get("partition", "aws")
@@ -188,7 +177,7 @@ def to_detection_finding(doc: dict[str, Any]) -> dict[str, Any]:
     archived = bool(service.get("archived"))
     ftype = str(doc.get("type") or "")
     purpose = ftype.split(":", 1)[0]
-    context = _get(service, "runtimeDetails", "context") or {}
+    context = dig(service, "runtimeDetails", "context") or {}
 
     attacks = []
     if purpose in TACTICS:
@@ -226,14 +215,14 @@ def to_detection_finding(doc: dict[str, Any]) -> dict[str, Any]:
         resources.append({"type": "Container", "uid": c.get("id") or c.get("name"), "name": c.get("name")})
     resources = [_clean(r) for r in resources]
 
-    evidence: dict[str, Any] = {"process": _process(_get(service, "runtimeDetails", "process"))}
+    evidence: dict[str, Any] = {"process": _process(dig(service, "runtimeDetails", "process"))}
     action = service.get("action") or {}
     net = action.get("networkConnectionAction")
     if isinstance(net, dict):
         remote = net.get("remoteIpDetails") or {}
         evidence["dst_endpoint"] = {
             "ip": remote.get("ipAddressV4") or remote.get("ipAddressV6"),
-            "port": _get(net, "remotePortDetails", "port"),
+            "port": dig(net, "remotePortDetails", "port"),
         }
         direction = {"INBOUND": 1, "OUTBOUND": 2}.get(str(net.get("connectionDirection")), 0)
         evidence["connection_info"] = {"protocol_name": (net.get("protocol") or "").lower() or None}
@@ -252,15 +241,15 @@ def to_detection_finding(doc: dict[str, Any]) -> dict[str, Any]:
             "type": "threat_intel",
             "data": {"threatNames": t.get("threatNames") or []},
         }
-        for t in (_get(service, "evidence", "threatIntelligenceDetails") or [])
+        for t in (dig(service, "evidence", "threatIntelligenceDetails") or [])
         if isinstance(t, dict)
     ]
 
     agent = None
-    info = _get(service, "additionalInfo", "value")
+    info = dig(service, "additionalInfo", "value")
     if isinstance(info, str):
         try:
-            agent = _get(orjson.loads(info), "agentDetails")
+            agent = dig(orjson.loads(info), "agentDetails")
         except orjson.JSONDecodeError:
             agent = None
 
@@ -336,7 +325,7 @@ def check_detection_finding(event: Any) -> list[str]:
         return ["not an object"]
     problems = []
     for path, kind in REQUIRED.items():
-        value = _get(event, *path.split("."))
+        value = dig(event, *path.split("."))
         if value is None:
             problems.append(f"{path}: missing")
         elif not isinstance(value, kind) or (kind is int and isinstance(value, bool)):

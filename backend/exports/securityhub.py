@@ -28,6 +28,7 @@ from typing import Any
 
 from backend.exports.base import AwsExporter, Failure, Item, aws_error
 from backend.exports.config import SecurityHubConfig
+from backend.findings import dig
 
 MAX_FINDINGS_PER_CALL = 100  # BatchImportFindings' limit
 TITLE_MAX, DESCRIPTION_MAX = 256, 1024
@@ -124,17 +125,6 @@ def severity(value: float) -> dict[str, Any]:
     return {"Product": float(value), "Label": label, "Normalized": max(0, min(100, round(value * 10)))}
 
 
-def _get(d: Any, *path: str | int) -> Any:
-    for p in path:
-        if isinstance(p, int):
-            d = d[p] if isinstance(d, list) and len(d) > p else None
-        else:
-            d = d.get(p) if isinstance(d, dict) else None
-        if d is None:
-            return None
-    return d
-
-
 def _clip(value: Any, n: int) -> str:
     s = str(value or "")
     return s if len(s) <= n else s[: n - 1] + "…"
@@ -142,7 +132,7 @@ def _clip(value: Any, n: int) -> str:
 
 def _resources(doc: dict[str, Any]) -> list[dict[str, Any]]:
     region, partition = doc.get("region"), doc.get("partition", "aws")
-    ecs = _get(doc, "resource", "ecsClusterDetails") or {}
+    ecs = dig(doc, "resource", "ecsClusterDetails") or {}
     task = ecs.get("taskDetails") or {}
     out: list[dict[str, Any]] = []
     common = {"Partition": partition, "Region": region}
@@ -183,7 +173,7 @@ def _resources(doc: dict[str, Any]) -> list[dict[str, Any]]:
             }
         )
     for c in containers:
-        privileged = _get(c, "securityContext", "privileged")
+        privileged = dig(c, "securityContext", "privileged")
         details = {
             "ContainerRuntime": c.get("containerRuntime"),
             "Name": c.get("name"),
@@ -250,13 +240,13 @@ def to_asff(doc: dict[str, Any], *, region: str, product_account: str | None = N
     ):
         if value:
             out[key] = value
-    process = _get(service, "runtimeDetails", "process")
+    process = dig(service, "runtimeDetails", "process")
     if isinstance(process, dict):
         p = {
             "Name": process.get("name"),
             "Path": process.get("executablePath"),
             "Pid": process.get("pid"),
-            "ParentPid": _get(process, "lineage", 0, "pid"),
+            "ParentPid": dig(process, "lineage", 0, "pid"),
             "LaunchedAt": process.get("startTime"),
         }
         out["Process"] = {k: _clip(v, 512) if isinstance(v, str) else v for k, v in p.items() if v is not None}
@@ -271,7 +261,7 @@ def to_asff(doc: dict[str, Any], *, region: str, product_account: str | None = N
             "Protocol": net.get("protocol"),
             "DestinationIpV4": remote.get("ipAddressV4"),
             "DestinationIpV6": remote.get("ipAddressV6"),
-            "DestinationPort": _get(net, "remotePortDetails", "port"),
+            "DestinationPort": dig(net, "remotePortDetails", "port"),
         }
     dns = action.get("dnsRequestAction")
     if isinstance(dns, dict) and dns.get("domain"):
@@ -280,7 +270,7 @@ def to_asff(doc: dict[str, Any], *, region: str, product_account: str | None = N
     if network:
         out["Network"] = network
     indicators = []
-    for t in _get(service, "evidence", "threatIntelligenceDetails") or []:
+    for t in dig(service, "evidence", "threatIntelligenceDetails") or []:
         if not isinstance(t, dict):
             continue
         value, kind = network.get("DestinationDomain"), "DOMAIN"

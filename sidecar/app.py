@@ -40,7 +40,8 @@ from detectors.policy import Policy
 from sidecar import __version__, ecs, health
 from sidecar.config import Settings
 from sidecar.detection import build_engine, load_policy, scope_of
-from sidecar.heartbeat import Heartbeater, ResourceSampler, build_heartbeat, delivery_of
+from sidecar.event_shipper import EventShipper
+from sidecar.heartbeat import Heartbeater, ResourceSampler, build_heartbeat, delivery_of, task_of
 from sidecar.outputs import JsonLinesOutput
 from sidecar.probe import choose_process_source, run_probe
 from sidecar.remote_config import RemoteConfig
@@ -84,6 +85,7 @@ class Sidecar:
         self.client: CollectorClient | None = None
         self.shipper: Shipper | None = None
         self.heartbeater: Heartbeater | None = None
+        self.event_shipper: EventShipper | None = None
         self.remote_config: RemoteConfig | None = None
         self.agent_id = "local"
         self.spool_errors = 0
@@ -98,8 +100,12 @@ class Sidecar:
     def on_event(self, event: RuntimeEvent) -> None:
         self.events_seen += 1
         self.events_by_kind[event.kind] += 1
-        if self.events_out is not None:
-            self.events_out.write_raw(event.to_bytes())
+        if self.events_out is not None or self.event_shipper is not None:
+            raw = event.to_bytes()
+            if self.events_out is not None:
+                self.events_out.write_raw(raw)
+            if self.event_shipper is not None:
+                self.event_shipper.offer(raw)
         if event.kind == "process.exec" and event.process is not None and self.aux is not None:
             self.aux.on_process(event.process)
         if self.engine is not None:
@@ -266,6 +272,11 @@ class Sidecar:
             on_accepted=self._heartbeat_accepted,
         )
         self._delivery_runs = {"shipper": self.shipper.run, "heartbeat": self.heartbeater.run}
+        if s.ship_events:
+            self.event_shipper = EventShipper(
+                self.client, self.agent_id, task_of(self.identity), max_per_s=s.events_max_per_s
+            )
+            self._delivery_runs["events"] = self.event_shipper.run
         if self.remote_config is not None:
             self._delivery_runs["config"] = self.remote_config.run
         for name in self._delivery_runs:
@@ -334,7 +345,7 @@ class Sidecar:
             return
         budget = self.settings.stop_flush_timeout_s
         started = time.monotonic()
-        for name in ("heartbeat", "config"):
+        for name in ("heartbeat", "config", "events"):
             task = self._delivery_tasks.get(name)
             if task is not None:
                 task.cancel()
@@ -444,6 +455,8 @@ class Sidecar:
             out["heartbeat"] = self.heartbeater.snapshot()
         if self.remote_config is not None:
             out["config"] = self.remote_config.snapshot()
+        if self.event_shipper is not None:
+            out["events"] = self.event_shipper.snapshot()
         out["engineSwaps"] = self.engine_swaps
         if self.spool_errors:
             out["spoolErrors"] = self.spool_errors

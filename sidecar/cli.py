@@ -34,6 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--heartbeat-interval-s", metavar="S", help="period of heartbeats")
     run.add_argument("--config-poll-interval-s", metavar="S", help="period of remote configuration checks")
     run.add_argument("--no-remote-config", action="store_true", help="do not fetch policy and lists from the collector")
+    run.add_argument("--no-ship-events", action="store_true", help="do not send runtime events to the collector")
     run.add_argument("--stop-flush-timeout-s", metavar="S", help="at SIGTERM, how long to try sending spooled findings")
     sub.add_parser("probe", help="print what each event source can do here, as JSON")
     hp = sub.add_parser("health", help="exit 0 if the running sidecar is healthy (container health checks)")
@@ -84,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         "heartbeat_interval_s": args.heartbeat_interval_s,
         "config_poll_interval_s": args.config_poll_interval_s,
         "remote_config": False if args.no_remote_config else None,
+        "ship_events": False if args.no_ship_events else None,
         "stop_flush_timeout_s": args.stop_flush_timeout_s,
     }
     try:

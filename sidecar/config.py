@@ -108,6 +108,12 @@ class Settings(BaseSettings):
     )
     heartbeat_interval_s: float = Field(60.0, ge=1, le=3600, description="Period of heartbeats to the collector.")
     remote_config: bool = Field(True, description="Fetch the detection policy and threat lists from the collector.")
+    ship_events: bool = Field(
+        True, description="Send runtime events (sampled) to the collector: the timelines of the console's findings."
+    )
+    events_max_per_s: float = Field(
+        200.0, gt=0, le=100_000, description="Most runtime events sent per second (the rest are counted, not sent)."
+    )
     config_poll_interval_s: float = Field(
         60.0, ge=1, le=3600, description="Period of remote configuration checks (If-None-Match: cheap)."
     )

@@ -14,9 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from backend_env import BackendThread
+from sqlalchemy import select
 from taskenv import TaskEnv
 
 from backend import tenancy
+from backend.models import RuntimeEventRow
 
 PY = "/usr/bin/python3"
 ACCOUNT, REGION = "123456789012", "us-east-1"  # the emulated task's metadata
@@ -84,8 +86,24 @@ def test_a_reverse_shell_is_queryable_with_boto3_within_seconds(task_env: TaskEn
         while not (res := gd.list_coverage(DetectorId=DETECTOR)["Resources"]) and time.monotonic() < deadline:
             time.sleep(0.5)
         assert res and res[0]["CoverageStatus"] == "HEALTHY", res
+        # and the task's runtime events, for the finding's timeline in the console
+        deadline = time.monotonic() + 10
+        while not (execs := backend.call(lambda: _events(backend, task["Arn"]))) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert any(path.endswith("dash") for path in execs), execs
     finally:
         backend.stop()
+
+
+async def _events(backend: BackendThread, task_arn: str) -> list[str]:
+    assert backend.server.db is not None
+    async with backend.server.db.sessions() as s:
+        rows = await s.execute(
+            select(RuntimeEventRow.executable_path).where(
+                RuntimeEventRow.task_arn == task_arn, RuntimeEventRow.kind == "process.exec"
+            )
+        )
+        return [r for r in rows.scalars() if r]
 
 
 def test_findings_made_while_the_backend_is_down_arrive_once(task_env: TaskEnv, tmp_path: Path) -> None:

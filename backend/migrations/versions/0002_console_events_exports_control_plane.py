@@ -115,7 +115,6 @@ def upgrade() -> None:
         batch_op.create_index("ix_runtime_events_task_time", ["detector_id", "task_arn", "time"], unique=False)
 
 
-
 def downgrade() -> None:
     with op.batch_alter_table("runtime_events", schema=None) as batch_op:
         batch_op.drop_index("ix_runtime_events_task_time")

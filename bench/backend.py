@@ -2,8 +2,9 @@
 
     .venv/bin/python -m bench.backend [--quick]      (or: python -m bench backend)
 
-A real backend (backend.app.Server) runs in its own thread and event loop; the load comes over HTTP from this
-process, as agents and clients send it:
+A real backend (`runtime-backend serve`, its own process, as in production) answers over HTTP on loopback; the
+load comes from this process, as agents and clients send it (tokens, keys and the bulk fill go straight to the
+same database):
 
 - ingest: batches of 100 findings (gzip JSON, the shipper's default batch), 1 agent then 50 agents posting at
   once; then updates of the same findings (aggregated counts growing);
@@ -21,7 +22,10 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import re
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -30,7 +34,9 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import boto3
 import orjson
+from botocore.config import Config
 
 from bench import main_for
 
@@ -96,7 +102,7 @@ def _gz_batches(findings: list[dict[str, Any]]) -> list[bytes]:
     ]
 
 
-def _ingest(b: BackendThread, tokens: dict[str, str], findings: list[dict[str, Any]], agents: int) -> dict[str, Any]:
+def _ingest(url: str, tokens: dict[str, str], findings: list[dict[str, Any]], agents: int) -> dict[str, Any]:
     """All findings through `agents` concurrent agents (each cluster's batches with that cluster's token)."""
     batches: list[tuple[str, bytes]] = []
     by_cluster: dict[str, list[dict[str, Any]]] = {}
@@ -105,7 +111,7 @@ def _ingest(b: BackendThread, tokens: dict[str, str], findings: list[dict[str, A
     for cluster, fs in by_cluster.items():
         batches += [(tokens[cluster], gz) for gz in _gz_batches(fs)]
     t0 = time.perf_counter()
-    lat = asyncio.run(_post_all(b.url, batches, agents))
+    lat = asyncio.run(_post_all(url, batches, agents))
     elapsed = time.perf_counter() - t0
     lat.sort()
     return {
@@ -167,21 +173,41 @@ def _bulk_fill(b: BackendThread, template: dict[str, Any], have: int, total: int
     return time.perf_counter() - t0
 
 
+def _serve(url: str) -> tuple[subprocess.Popen[str], str]:
+    """`runtime-backend serve` as its own process, as in production (the load is not sharing its GIL)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "backend.cli", "--database-url", url, "--log-level", "WARNING", "serve", "--port", "0"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    m = re.search(r"listening on (\S+)", line)
+    if m is None:
+        proc.kill()
+        raise RuntimeError(f"runtime-backend serve did not start: {line!r}")
+    return proc, m.group(1)
+
+
 def _one(url: str, n: int, total: int) -> dict[str, Any]:
-    b = BackendThread(url).start()
+    b = BackendThread(url).start()  # setup only: tokens, keys, the bulk fill
+    server, served = _serve(url)
     try:
         findings = _findings(n)
         tokens = {f"c{i}": b.token(cluster=f"c{i}") for i in range(8)}  # a token speaks for one cluster
         res: dict[str, Any] = {"findings_ingested": n, "findings_stored": total}
         third = n // 3
-        res["ingest_1_agent"] = _ingest(b, tokens, findings[:third], 1)
-        res["ingest_50_agents"] = _ingest(b, tokens, findings[third:], 50)
+        res["ingest_1_agent"] = _ingest(served, tokens, findings[:third], 1)
+        res["ingest_50_agents"] = _ingest(served, tokens, findings[third:], 50)
         for f in findings[third:]:  # the agents' aggregates grew
             f["service"]["count"] = 5
             f["updatedAt"] = f["service"]["eventLastSeen"] = "2025-10-10T00:00:00.000Z"
-        res["ingest_updates_50_agents"] = _ingest(b, tokens, findings[third:], 50)
+        res["ingest_updates_50_agents"] = _ingest(served, tokens, findings[third:], 50)
         res["bulk_fill_s"] = round(_bulk_fill(b, findings[0], n, total), 1)
-        gd = b.guardduty()
+        kid, secret = b.access_key()
+        gd = boto3.client(
+            "guardduty", endpoint_url=served, region_name=REGION, aws_access_key_id=kid,
+            aws_secret_access_key=secret, config=Config(retries={"max_attempts": 1}),
+        )  # fmt: skip
         crit = {"Criterion": {"severity": {"Gte": 7}, "resource.ecsClusterDetails.name": {"Eq": ["c3"]}}}
         sort = {"AttributeName": "updatedAt", "OrderBy": "DESC"}
         ids = gd.list_findings(DetectorId=DETECTOR, FindingCriteria=crit, SortCriteria=sort)["FindingIds"]
@@ -202,6 +228,8 @@ def _one(url: str, n: int, total: int) -> dict[str, Any]:
         )
         return res
     finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(30)
         b.stop()
 
 

@@ -82,6 +82,23 @@ class EcsWorld:
         self.ecs = self.client("ecs")
         self.ec2 = self.client("ec2")
         self._cidr = 10
+        self.execution_role("ecsTaskExecutionRole")
+
+    def execution_role(self, name: str, *, can_pull: bool = True) -> str:
+        """A task execution role as users make it: ECR pull (as AWS's managed policy grants it), the token secrets."""
+        iam = self.client("iam")
+        trust = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "sts:AssumeRole",
+                 "Principal": {"Service": "ecs-tasks.amazonaws.com"}}]}  # fmt: skip
+        arn = str(iam.create_role(RoleName=name, AssumeRolePolicyDocument=json.dumps(trust))["Role"]["Arn"])
+        if can_pull:  # what AWS's AmazonECSTaskExecutionRolePolicy grants for images
+            pull = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Resource": "*", "Action": [
+                "ecr:GetAuthorizationToken", "ecr:BatchCheckLayerAvailability", "ecr:GetDownloadUrlForLayer",
+                "ecr:BatchGetImage"]}]}  # fmt: skip
+            iam.put_role_policy(RoleName=name, PolicyName="pull", PolicyDocument=json.dumps(pull))
+        secrets = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "secretsmanager:GetSecretValue",
+                   "Resource": f"arn:aws:secretsmanager:{REGION}:{ACCOUNT}:secret:runtime-sidecar/*"}]}  # fmt: skip
+        iam.put_role_policy(RoleName=name, PolicyName="tokens", PolicyDocument=json.dumps(secrets))
+        return arn
 
     def client(self, service: str) -> Any:
         return self.session.client(
@@ -199,6 +216,7 @@ class EcsWorld:
             region=REGION,
             backoff=backoff or Backoff(sleep=lambda s: None),
             reporter=reporter,
+            iam=aws.client(aws_cfg, "iam", self.session),
         )
 
 
@@ -339,6 +357,14 @@ def test_services_that_cannot_be_rolled_are_left_alone_with_the_reason(world: Ec
     world.service("prod", "bluegreen", world.task_definition("bg"), deploymentController={"type": "CODE_DEPLOY"})
     world.service("prod", "old-platform", world.task_definition("old"), platformVersion="1.3.0")
     world.service("prod", "has-it", world.task_definition("ready", sidecar_for="prod"))
+    weak = world.execution_role("weakRole", can_pull=False)
+    weak_td = world.task_definition("weak")
+    doc = world.ecs.describe_task_definition(taskDefinition=weak_td)["taskDefinition"]
+    world.ecs.register_task_definition(
+        family="weak", executionRoleArn=weak, containerDefinitions=doc["containerDefinitions"], cpu="256",
+        memory="512", requiresCompatibilities=["FARGATE"],
+    )  # fmt: skip
+    world.service("prod", "weak-role", "weak:2")
     out = world.manager(settings()).run_once()
     services = {s["serviceName"]: s for s in by_name(out)["prod"]["services"]}
     assert {n: s["action"] for n, s in services.items()} == {
@@ -348,7 +374,11 @@ def test_services_that_cannot_be_rolled_are_left_alone_with_the_reason(world: Ec
         "has-it": "none",
         "no-role": "skip",
         "old-platform": "skip",
+        "weak-role": "skip",
     }
+    assert "weakRole cannot perform ecr:" in services["weak-role"]["reason"]
+    assert "check-roles --fix" in services["weak-role"]["reason"]
+    assert world.describe_service("prod", "weak-role")["taskDefinition"].endswith("weak:2")
     assert services["a"]["newTaskDefinition"] == services["b"]["newTaskDefinition"] == "shared:2"
     assert len(world.revisions("shared")) == 2
     assert "no execution role" in services["no-role"]["reason"]

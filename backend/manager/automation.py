@@ -40,6 +40,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -55,6 +56,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from backend.coverage import AUTO_MANAGED, DISABLED, MANUAL
 from backend.manager import aws
+from backend.manager import iam as iam_checks
 from backend.manager.aws import AwsConfig, Backoff, error_code, is_throttling
 from backend.manager.coverage_report import (
     BackendReporter,
@@ -274,6 +276,7 @@ class Manager:
         region: str,
         backoff: Backoff | None = None,
         reporter: BackendReporter | None = None,
+        iam: Any = None,
     ) -> None:
         self.settings = settings
         self.ecs = ecs
@@ -282,6 +285,11 @@ class Manager:
         self.backoff = backoff or Backoff()
         self.reporter = reporter
         self.task_definitions = TaskDefinitions(ecs, self.backoff)
+        # with an IAM client, a service is rolled only if its execution role can pull the sidecar and read its
+        # token: ECS pulls every image and secret before any container starts, so a role that cannot would stop
+        # the service's new tasks from starting at all (the sidecar being non-essential does not help)
+        self.iam = iam
+        self._role_checks: dict[tuple[str, str], str | None] = {}
 
     # -- reading ------------------------------------------------------------------------------------------------
     def clusters(self) -> list[ClusterPlan]:
@@ -334,6 +342,10 @@ class Manager:
                 "token secret need one"
             )
             return plan
+        problem = self._execution_role_problem(td["executionRoleArn"], cluster.name)
+        if problem is not None:
+            plan.action, plan.reason = "skip", problem
+            return plan
         fargate = svc.get("launchType") == "FARGATE" or any(
             p.get("capacityProvider", "").startswith("FARGATE") for p in svc.get("capacityProviderStrategy") or []
         )
@@ -350,6 +362,24 @@ class Manager:
         doc["tags"] = [*tags, {"key": MANAGED_TAG_KEY, "value": MANAGED_TAG_VALUE}]
         plan.action, plan.register_input = "inject", doc
         return plan
+
+    def _execution_role_problem(self, role_arn: str, cluster: str) -> str | None:
+        """Why ``role_arn`` cannot start a task with the sidecar (ECR pull, token secret), or None."""
+        repository = ecr_repository_arn(self.settings.image)
+        if self.iam is None or repository is None:  # an image from a public registry needs no ECR permission
+            return None
+        token = self.settings.sidecar_spec(cluster, self.region).token_secret_arn
+        key = (role_arn, token)
+        if key not in self._role_checks:
+            check = iam_checks.check_role(self.iam, role_arn, repository, token_secret_arn=token, backoff=self.backoff)
+            self._role_checks[key] = (
+                None
+                if check.ok
+                else f"its execution role {role_arn} cannot "
+                + ("be found" if not check.exists else "perform " + ", ".join(check.missing))
+                + ": run `runtime-manager check-roles --fix` (new tasks with the sidecar would not start)"
+            )
+        return self._role_checks[key]
 
     def survey(self) -> Survey:
         """What `run` would change (nothing is changed)."""
@@ -486,7 +516,17 @@ def build_manager(
         region=region,
         backoff=Backoff(sleep=sleep),
         reporter=reporter,
+        iam=aws.client(cfg, "iam", sess),
     )
+
+
+def ecr_repository_arn(image: str | None) -> str | None:
+    """``ACCOUNT.dkr.ecr.REGION.amazonaws.com/REPO[:TAG|@DIGEST]`` -> the repository's ARN; None if not ECR."""
+    m = re.match(r"^(\d{12})\.dkr\.ecr(?:-fips)?\.([a-z0-9-]+)\.amazonaws\.com(?:\.cn)?/([^:@]+)", image or "")
+    if m is None:
+        return None
+    partition = "aws-cn" if ".amazonaws.com.cn/" in (image or "") else "aws"
+    return f"arn:{partition}:ecr:{m.group(2)}:{m.group(1)}:repository/{m.group(3)}"
 
 
 def _print(out: Any) -> None:

@@ -100,12 +100,12 @@ class Sidecar:
     def on_event(self, event: RuntimeEvent) -> None:
         self.events_seen += 1
         self.events_by_kind[event.kind] += 1
-        if self.events_out is not None or self.event_shipper is not None:
+        raw = None
+        if self.events_out is not None:
             raw = event.to_bytes()
-            if self.events_out is not None:
-                self.events_out.write_raw(raw)
-            if self.event_shipper is not None:
-                self.event_shipper.offer(raw)
+            self.events_out.write_raw(raw)
+        if self.event_shipper is not None and self.event_shipper.admit():
+            self.event_shipper.push(raw if raw is not None else event.to_bytes())
         if event.kind == "process.exec" and event.process is not None and self.aux is not None:
             self.aux.on_process(event.process)
         if self.engine is not None:

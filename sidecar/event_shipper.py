@@ -55,17 +55,28 @@ class EventShipper:
         self._dropped_unsent = 0  # not yet told to the backend
         self.counters = {"eventsQueued": 0, "eventsSent": 0, "eventsDropped": 0, "batches": 0, "failures": 0}
 
-    def offer(self, event_json: bytes) -> None:
-        """Called for every event on the detection path: O(1), never raises, never blocks."""
+    def admit(self) -> bool:
+        """Whether the next event may be queued (it then must be, with push); a refusal is counted as a drop.
+
+        Asked before the event is serialized: under a storm most events are refused, and serializing them would
+        be the task's CPU spent for nothing."""
         now = self.clock()
         self._tokens = min(self.max_per_s, self._tokens + (now - self._last) * self.max_per_s)
         self._last = now
         if self._tokens < 1 or len(self._buffer) == self._buffer.maxlen:
             self._drop(1)
-            return
+            return False
         self._tokens -= 1
+        return True
+
+    def push(self, event_json: bytes) -> None:
         self._buffer.append(event_json)
         self.counters["eventsQueued"] += 1
+
+    def offer(self, event_json: bytes) -> None:
+        """admit + push, for an event already serialized: O(1), never raises, never blocks."""
+        if self.admit():
+            self.push(event_json)
 
     def _drop(self, n: int) -> None:
         self.counters["eventsDropped"] += n

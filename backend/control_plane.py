@@ -45,6 +45,8 @@ from backend.coverage import (
     ISSUE_EXITED,
     ISSUE_NOT_PROVISIONED,
     ISSUE_VPC_ENDPOINT,
+    ClusterArn,
+    TaskArn,
 )
 from backend.errors import AccessDenied, ApiError, BadRequest, InternalServerError
 from backend.models import ControlPlaneCluster, ControlPlaneTask
@@ -69,20 +71,13 @@ def _check_issue(v: str | None, prefixes: tuple[str, ...]) -> str | None:
 
 class ReportedTask(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    taskArn: str = Field(min_length=1, max_length=512)
+    taskArn: TaskArn
     taskDefinitionArn: str | None = Field(None, max_length=512)
     launchType: Literal["FARGATE", "EC2", "EXTERNAL"] | None = None
     lastStatus: str | None = Field(None, max_length=32)
     startedAt: int | None = Field(None, ge=0, description="epoch milliseconds")
     issue: str | None = Field(None, min_length=1, max_length=MAX_ISSUE_CHARS)
     detail: dict[str, Any] = Field(default_factory=dict)
-
-    @field_validator("taskArn")
-    @classmethod
-    def _task_arn(cls, v: str) -> str:
-        if not _TASK_ARN.match(v):
-            raise ValueError("not an ECS task ARN (arn:aws:ecs:REGION:ACCOUNT:task/[CLUSTER/]TASK_ID)")
-        return v
 
     @field_validator("issue")
     @classmethod
@@ -100,7 +95,7 @@ class ReportedTask(BaseModel):
 class ReportedCluster(BaseModel):
     model_config = ConfigDict(extra="forbid")
     clusterName: str = Field(min_length=1, max_length=255)
-    clusterArn: str | None = Field(None, max_length=512)
+    clusterArn: ClusterArn | None = None
     managementType: Literal["AUTO_MANAGED", "MANUAL", "DISABLED"]
     issue: str | None = Field(None, min_length=1, max_length=MAX_ISSUE_CHARS)
     append: bool = False
@@ -111,13 +106,6 @@ class ReportedCluster(BaseModel):
     def _name(cls, v: str) -> str:
         if not CLUSTER_RE.match(v):
             raise ValueError("not an ECS cluster name (1-255 letters, digits, '-' or '_')")
-        return v
-
-    @field_validator("clusterArn")
-    @classmethod
-    def _arn(cls, v: str | None) -> str | None:
-        if v is not None and not _CLUSTER_ARN.match(v):
-            raise ValueError("not an ECS cluster ARN (arn:aws:ecs:REGION:ACCOUNT:cluster/NAME)")
         return v
 
     @field_validator("issue")

@@ -27,10 +27,10 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 from sqlalchemy import and_, delete, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -94,6 +94,26 @@ _CLUSTER_ARN = re.compile(
 )
 
 
+def _matching(pattern: re.Pattern[str], what: str) -> AfterValidator:
+    def check(v: str) -> str:
+        if not pattern.match(v):
+            raise ValueError(f"not an ECS {what}")
+        return v
+
+    return AfterValidator(check)
+
+
+# what heartbeats, events and the control plane's reports say a task or cluster is
+TaskArn = Annotated[
+    str,
+    Field(min_length=1, max_length=512),
+    _matching(_TASK_ARN, "task ARN (arn:aws:ecs:REGION:ACCOUNT:task/[CLUSTER/]TASK_ID)"),
+]
+ClusterArn = Annotated[
+    str, Field(max_length=512), _matching(_CLUSTER_ARN, "cluster ARN (arn:aws:ecs:REGION:ACCOUNT:cluster/NAME)")
+]
+
+
 # -- the heartbeat (README, "The agent API") ------------------------------------------------------------------
 
 
@@ -102,27 +122,13 @@ class HeartbeatTask(BaseModel):
     accountId: str = Field(min_length=1, max_length=12)
     region: str = Field(min_length=1, max_length=32)
     clusterName: str = Field(min_length=1, max_length=255)
-    clusterArn: str | None = Field(None, max_length=512)
-    taskArn: str = Field(min_length=1, max_length=512)
+    clusterArn: ClusterArn | None = None
+    taskArn: TaskArn
     taskDefinitionArn: str | None = Field(None, max_length=512)
     family: str | None = Field(None, max_length=255)
     launchType: Literal["FARGATE", "EC2"] | None = None
     availabilityZone: str | None = Field(None, max_length=64)
     hostMode: bool = False
-
-    @field_validator("taskArn")
-    @classmethod
-    def _task_arn(cls, v: str) -> str:
-        if not _TASK_ARN.match(v):
-            raise ValueError("not an ECS task ARN (arn:aws:ecs:REGION:ACCOUNT:task/[CLUSTER/]TASK_ID)")
-        return v
-
-    @field_validator("clusterArn")
-    @classmethod
-    def _cluster_arn(cls, v: str | None) -> str | None:
-        if v is not None and not _CLUSTER_ARN.match(v):
-            raise ValueError("not an ECS cluster ARN (arn:aws:ecs:REGION:ACCOUNT:cluster/NAME)")
-        return v
 
 
 class SourceState(BaseModel):

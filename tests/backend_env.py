@@ -132,22 +132,27 @@ class BackendThread:
         return status, out
 
 
-def aws_cli(
-    backend: BackendThread, key: tuple[str, str], region: str, *args: str, home: Path
-) -> subprocess.CompletedProcess[str]:
-    """The real aws CLI (v1, from the venv) against the backend."""
+def aws_env(home: Path, key_id: str, secret: str, region: str) -> dict[str, str]:
+    """An environment for the aws CLI with only these credentials: no profile or config of the machine's."""
     (home / "config").touch()
     (home / "credentials").touch()
-    env = {
-        "PATH": os.environ.get("PATH", ""),
+    return {
+        "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}",
         "HOME": str(home),
-        "AWS_ACCESS_KEY_ID": key[0],
-        "AWS_SECRET_ACCESS_KEY": key[1],
+        "AWS_ACCESS_KEY_ID": key_id,
+        "AWS_SECRET_ACCESS_KEY": secret,
         "AWS_DEFAULT_REGION": region,
         "AWS_CONFIG_FILE": str(home / "config"),
         "AWS_SHARED_CREDENTIALS_FILE": str(home / "credentials"),
         "AWS_MAX_ATTEMPTS": "1",
     }
+
+
+def aws_cli(
+    backend: BackendThread, key: tuple[str, str], region: str, *args: str, home: Path
+) -> subprocess.CompletedProcess[str]:
+    """The real aws CLI (v1, from the venv) against the backend."""
+    env = aws_env(home, key[0], key[1], region)
     return subprocess.run(
         [str(VENV_BIN / "aws"), "guardduty", *args, "--endpoint-url", backend.url, "--output", "json"],
         env=env,

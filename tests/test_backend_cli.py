@@ -14,7 +14,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from backend_env import VENV_BIN
+from backend_env import VENV_BIN, aws_env
 
 BACKEND = str(VENV_BIN / "runtime-backend")
 
@@ -29,20 +29,6 @@ def _cli(db: str, *args: str, env: dict[str, str] | None = None) -> subprocess.C
         [BACKEND, "--database-url", db, "--log-level", "WARNING", *args],
         capture_output=True, text=True, timeout=60, env={**os.environ, **(env or {})},
     )  # fmt: skip
-
-
-def _aws_env(home: Path, key_id: str, secret: str, region: str) -> dict[str, str]:
-    (home / "config").touch()
-    (home / "credentials").touch()
-    return {
-        "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}",
-        "HOME": str(home),
-        "AWS_ACCESS_KEY_ID": key_id,
-        "AWS_SECRET_ACCESS_KEY": secret,
-        "AWS_DEFAULT_REGION": region,
-        "AWS_CONFIG_FILE": str(home / "config"),
-        "AWS_SHARED_CREDENTIALS_FILE": str(home / "credentials"),
-    }
 
 
 def _read_until(proc: subprocess.Popen[str], pattern: str, timeout: float = 30) -> tuple[re.Match[str], str]:
@@ -111,7 +97,7 @@ def test_serve_answers_the_aws_cli_and_stops_on_sigterm(tmp_path: Path) -> None:
         url = m.group(1)
         aws = subprocess.run(
             [str(VENV_BIN / "aws"), "guardduty", "list-detectors", "--endpoint-url", url],
-            env=_aws_env(tmp_path, key["accessKeyId"], key["secretAccessKey"], "us-east-1"),
+            env=aws_env(tmp_path, key["accessKeyId"], key["secretAccessKey"], "us-east-1"),
             capture_output=True, text=True, timeout=60,
         )  # fmt: skip
         assert aws.returncode == 0, aws.stderr
@@ -133,7 +119,7 @@ def test_local_mode_prints_a_working_aws_command(tmp_path: Path) -> None:
             r"export (AWS_ACCESS_KEY_ID=\S+) (AWS_SECRET_ACCESS_KEY=\S+) (AWS_DEFAULT_REGION=\S+)", banner
         )
         assert export is not None, banner
-        env = _aws_env(tmp_path, "", "", "")
+        env = aws_env(tmp_path, "", "", "")
         env.update(dict(kv.split("=", 1) for kv in export.groups()))
         aws = subprocess.run(shlex.split(m.group(1)), env=env, capture_output=True, text=True, timeout=60)
         assert aws.returncode == 0, aws.stderr
